@@ -1,0 +1,83 @@
+"""Defaults for every kpjax run; category, `all` and `demo` configs override a few fields.
+
+Use as `python -m kpjax.train --config configs/trousers.py --workdir DIR --config.batch_size=32`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Garment category: blouse, dress, outwear, skirt, trousers (one model each, as KPDEM), or
+  # `all` (one model with 24 outputs; keypoints outside an image's category are masked).
+  # The model's n_locations follows from it (kpjax.keypoints.num_keypoints).
+  config.category = 'trousers'
+
+  # ---- Data -----------------------------------------------------------------------------
+  config.data = ml_collections.ConfigDict()
+  # 'tfds': the FashionAI release built by `python -m kpjax.data.build` into `data_dir`.
+  # 'synthetic': procedural garments, generated and built under `synthetic_dir` when absent.
+  config.data.source = 'tfds'
+  config.data.tfds_name = 'fashionai_keypoints'
+  config.data.data_dir = '~/tensorflow_datasets'
+  config.data.synthetic_dir = ''  # '' = DIR/synthetic inside the workdir
+  config.data.synthetic_num_images = 2000
+  config.data.synthetic_seed = 0
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.num_eval_images = 0  # 0 = the whole eval split
+  config.data.worker_count = 0  # grain worker processes (0 = in the main process)
+  config.data.worker_buffer_size = 2
+
+  # ---- Input ----------------------------------------------------------------------------
+  # Side of the square network input in pixels; a multiple of 8 (pool/unpool three times).
+  config.input_size = 256
+  # 'kpjax': letterbox + mean/std, dsntnn [-1, 1] targets (models trained here).
+  # 'kpdem': the original's resize to a square, /255 twice, targets pixel/size in [0, 1]
+  # (converted released checkpoints).
+  config.preprocessing = 'kpjax'
+
+  # ---- Augmentation (training only; keypoints move with the pixels) ----------------------
+  config.augment = ml_collections.ConfigDict()
+  config.augment.enabled = True
+  config.augment.scale = (0.75, 1.25)  # random zoom factor range
+  config.augment.rotation_deg = 20.0  # uniform in [-r, r]
+  config.augment.translate = 0.1  # fraction of the input size, each axis
+  config.augment.flip = True  # horizontal flip with left/right keypoints swapped
+  config.augment.color_jitter = 0.2  # brightness/contrast/saturation strength (0 = off)
+
+  # ---- Model ----------------------------------------------------------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.width = 1.0  # hidden channels = round(c * width); 1.0 = KPDEM's 36.9 M params
+  config.model.num_stages = 6  # CPM stages 1..6 (KPDEM: 6)
+  config.compute_dtype = 'float32'  # 'bfloat16' on GPU/TPU; params, softmax, DSNT, loss stay f32
+  config.remat = False  # jax.checkpoint each block (less memory, ~1/3 more compute)
+  config.remat_policy = 'nothing_saveable'  # a jax.checkpoint_policies name
+
+  # ---- Loss -----------------------------------------------------------------------------
+  config.sigma_t = 1.0  # std (input pixels) of the JS regulariser's target Gaussian
+  config.js_weight = 1.0  # loss = euclidean + js_weight * js (KPDEM: 1)
+
+  # ---- Optimisation ---------------------------------------------------------------------
+  config.optimizer = 'adam'  # 'adam' or 'rmsprop' (KPDEM: RMSprop lr 2.5e-4, alpha 0.9)
+  config.learning_rate = 1e-3  # peak
+  config.warmup_steps = 500
+  config.schedule = 'cosine'  # 'cosine' (to 0 at total_steps), 'step' or 'constant'
+  config.weight_decay = 0.0
+  config.rmsprop_decay = 0.9
+  config.grad_clip_norm = 1.0  # global norm; 0 = off
+  config.batch_size = 32  # global: split across every device of every process
+  config.total_steps = 100_000
+
+  # ---- Loop -----------------------------------------------------------------------------
+  config.seed = 0
+  config.log_every_steps = 50
+  config.eval_every_steps = 2000
+  config.eval_batch_size = 32
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3  # latest kept; the best by eval/ne is kept besides
+  config.init_from = ''  # a converted checkpoint directory to start from (fine-tuning)
+  config.num_vis_images = 8  # validation predictions drawn at each evaluation
+
+  return config

@@ -1,0 +1,9 @@
+"""KPDEM's blouse model: 13 keypoints, trained on the FashionAI data (TFDS, built by kpjax.data.build)."""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.category = 'blouse'
+  return config

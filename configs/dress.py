@@ -1,0 +1,9 @@
+"""KPDEM's dress model: 15 keypoints, trained on the FashionAI data (TFDS, built by kpjax.data.build)."""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.category = 'dress'
+  return config

@@ -1,0 +1,189 @@
+"""KPDEM's network in Flax: a CPM on VGG blocks at full resolution, a 1x1 heatmap conv and DSNT.
+
+The layer table mirrors the PyTorch original (`convert/torch_model.py`, from the KPDEM write-up):
+block and layer names are the torch module names, so the torch state_dict key
+`fcn.model1_0_0.conv1_1.weight` is `params/fcn/model1_0_0/conv1_1/kernel` here (OIHW -> HWIO) and
+conversion is a table walk.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kpjax import dsnt
+
+# One row per conv: (name, output channels, kernel size). Stride 1, padding kernel // 2, ReLU after
+# every conv except those in NO_RELU. HEATMAP_CHANNELS outputs are not scaled by `width`.
+Layer = tuple[str, int, int]
+HEATMAP_CHANNELS = 24
+
+BACKBONE: tuple[tuple[str, tuple[Layer, ...]], ...] = (  # each block is followed by pool_unpool but the last
+    ('model1_0_0', (('conv1_1', 64, 3), ('conv1_2', 64, 3))),
+    ('model1_0_1', (('conv2_1', 128, 3), ('conv2_2', 128, 3))),
+    ('model1_0_2', (('conv3_1', 256, 3), ('conv3_2', 256, 3), ('conv3_3', 256, 3), ('conv3_4', 256, 3))),
+    ('model1_0_3', (('conv4_1', 512, 3), ('conv4_2', 512, 3), ('conv4_3', 512, 3), ('conv4_4', 512, 3),
+                    ('conv5_1', 512, 3), ('conv5_2', 512, 3), ('conv5_3_CPM', 128, 3))),
+)
+STAGE1: tuple[str, tuple[Layer, ...]] = (
+    'model1_1', (('conv6_1_CPM', 512, 1), ('conv6_2_CPM', HEATMAP_CHANNELS, 1)))
+
+
+def refinement_stage(i: int) -> tuple[str, tuple[Layer, ...]]:
+  """Stage i (2..6): 5 7x7 convs, a 1x1, and a 1x1 to the 24 belief maps."""
+  return (f'model{i}', tuple((f'Mconv{j}_stage{i}', 128, 7) for j in range(1, 6))
+          + ((f'Mconv6_stage{i}', 128, 1), (f'Mconv7_stage{i}', HEATMAP_CHANNELS, 1)))
+
+
+NO_RELU = frozenset(['conv6_2_CPM'] + [f'Mconv7_stage{i}' for i in range(2, 7)])
+MAX_STAGES = 6
+
+
+def scaled_channels(channels: int, width: float) -> int:
+  """Hidden channel count at `width` (belief-map outputs stay HEATMAP_CHANNELS)."""
+  if channels == HEATMAP_CHANNELS:
+    return channels
+  return max(1, int(round(channels * width)))
+
+
+def pool_unpool(x: jax.Array) -> jax.Array:
+  """torch's MaxUnpool2d(2, 2)(*MaxPool2d(2, 2, return_indices=True)(x)) on NHWC input.
+
+  Keeps the first maximum (row-major) of every 2x2 window where it is and zeroes the other three,
+  exactly as torch does, ties included; the gradient flows to the kept element only.
+
+  Args:
+    x: (B, H, W, C) with H and W even (the pair cannot round-trip odd sizes).
+
+  Returns:
+    (B, H, W, C), same dtype.
+  """
+  if x.ndim != 4:
+    raise ValueError(f'pool_unpool expects NHWC input (B, H, W, C); got shape {x.shape}')
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f'pool_unpool needs even H and W (2x2 windows, stride 2); got H={h}, W={w}')
+  win = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  tl, tr = win[:, :, 0, :, 0], win[:, :, 0, :, 1]
+  bl, br = win[:, :, 1, :, 0], win[:, :, 1, :, 1]
+  m = jnp.maximum(jnp.maximum(tl, tr), jnp.maximum(bl, br))
+  keep_tl = tl == m
+  keep_tr = (tr == m) & ~keep_tl
+  keep_bl = (bl == m) & ~(keep_tl | keep_tr)
+  keep_br = ~(keep_tl | keep_tr | keep_bl)
+  keep = jnp.stack([jnp.stack([keep_tl, keep_tr], 3), jnp.stack([keep_bl, keep_br], 3)], 2)
+  return jnp.where(keep.reshape(x.shape), x, jnp.zeros((), x.dtype))
+
+
+class ConvBlock(nn.Module):
+  """A named run of convs from a layer table (torch: `make_layers` -> nn.Sequential)."""
+  layers: Sequence[Layer]
+  width: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for name, channels, kernel in self.layers:
+      pad = kernel // 2
+      x = nn.Conv(scaled_channels(channels, self.width), (kernel, kernel), padding=((pad, pad), (pad, pad)),
+                  dtype=self.dtype, param_dtype=jnp.float32, name=name)(x)
+      if name not in NO_RELU:
+        x = nn.relu(x)
+    return x
+
+
+class KeyPointsModel(nn.Module):
+  """The CPM backbone: (B, H, W, 3) -> 24 belief maps (B, H, W, 24) at full resolution.
+
+  Stage 1 is VGG blocks (pool_unpool after the first three) and conv6_*_CPM; each refinement stage
+  sees the previous belief maps concatenated with the backbone features (24 + 128 * width channels).
+  """
+  width: float = 1.0
+  num_stages: int = MAX_STAGES
+  dtype: Any = jnp.float32
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+
+  @nn.compact
+  def __call__(self, x):
+    block_cls = ConvBlock
+    if self.remat:
+      block_cls = nn.remat(ConvBlock, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+
+    def block(spec):
+      name, layers = spec
+      return block_cls(layers=layers, width=self.width, dtype=self.dtype, name=name)
+
+    for i, spec in enumerate(BACKBONE):
+      x = block(spec)(x)
+      if i < len(BACKBONE) - 1:
+        x = pool_unpool(x)
+    features = x
+    beliefs = block(STAGE1)(features)
+    for i in range(2, self.num_stages + 1):
+      beliefs = block(refinement_stage(i))(jnp.concatenate([beliefs, features], axis=-1))
+    return beliefs
+
+
+def check_images(images: jax.Array) -> None:
+  """Raises a ValueError unless images are (B, H, W, 3) with H, W multiples of 8."""
+  if images.ndim != 4:
+    raise ValueError(f'images must be NHWC (B, H, W, 3); got shape {tuple(images.shape)} (rank {images.ndim})')
+  if images.shape[-1] != 3:
+    raise ValueError(f'images must have 3 (RGB) channels last, (B, H, W, 3); got shape {tuple(images.shape)}')
+  h, w = images.shape[1:3]
+  if h % 8 or w % 8 or h == 0 or w == 0:
+    raise ValueError(f'image height and width must be positive multiples of 8; got {h}x{w}')
+
+
+class CoordRegressionNetwork(nn.Module):
+  """KPDEM: images (B, H, W, 3) float32 -> (coords (B, L, 2), heatmaps (B, L, H, W)).
+
+  coords are DSNT expectations in normalised (x, y), [-1, 1] spanning the image; heatmaps are flat
+  softmaxes (each (H, W) map sums to 1). Softmax, DSNT and outputs are float32 whatever `dtype`.
+
+  Attributes:
+    n_locations: keypoints L (blouse 13, dress 15, outwear 14, skirt 4, trousers 7, all 24).
+    width: hidden channel multiplier (1.0 = the original, 36.9 M parameters).
+    num_stages: CPM stages kept, 1..6 (6 = the original).
+    dtype: compute dtype of the convolutions (parameters stay float32).
+    remat: rematerialise each block in the backward pass (jax.checkpoint with `remat_policy`).
+  """
+  n_locations: int
+  width: float = 1.0
+  num_stages: int = MAX_STAGES
+  dtype: Any = jnp.float32
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+
+  def setup(self):
+    if not 1 <= self.num_stages <= MAX_STAGES:
+      raise ValueError(f'num_stages must be in 1..{MAX_STAGES}; got {self.num_stages}')
+    if self.width <= 0:
+      raise ValueError(f'width must be positive; got {self.width}')
+    if self.n_locations < 1:
+      raise ValueError(f'n_locations must be at least 1; got {self.n_locations}')
+    if self.remat and not hasattr(jax.checkpoint_policies, self.remat_policy):
+      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; expected a jax.checkpoint_policies name')
+    self.fcn = KeyPointsModel(self.width, self.num_stages, self.dtype, self.remat, self.remat_policy)
+    self.hm_conv = nn.Conv(self.n_locations, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+
+  def __call__(self, images):
+    check_images(images)
+    unnormalized = self.hm_conv(self.fcn(images.astype(self.dtype)))  # (B, H, W, L)
+    unnormalized = jnp.transpose(unnormalized, (0, 3, 1, 2)).astype(jnp.float32)  # (B, L, H, W)
+    heatmaps = dsnt.flat_softmax(unnormalized)
+    return dsnt.dsnt(heatmaps), heatmaps
+
+
+def init_variables(model: CoordRegressionNetwork, rng: jax.Array, input_size: int | tuple[int, int] = 64):
+  """Freshly initialised variables for `model` (shapes do not depend on the input size)."""
+  h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+  return model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32))
+
+
+def count_params(variables) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(variables))
