@@ -1,0 +1,169 @@
+"""Model checkpoints on disk: exported models (converted or final) and training workdirs.
+
+Two layouts, one loader:
+
+* an exported model directory (written by `save_model`, e.g. by the PyTorch converter): an orbax
+  composite checkpoint with items `params` (the Flax variables) and `metadata` (JSON);
+* a training workdir: `DIR/checkpoints/<step>/` from an orbax CheckpointManager with items `state`
+  (`params`, `opt_state`, `step`, `rng`), `metadata` (JSON) and `data` (the input iterator state).
+
+The metadata says how to rebuild and feed the model: category, n_locations, width, num_stages,
+input_size, preprocessing ('kpjax' or 'kpdem'), and where it came from (source, sha256, step).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kpjax import keypoints
+from kpjax.model import CoordRegressionNetwork
+
+CHECKPOINTS_SUBDIR = 'checkpoints'  # inside a training workdir
+REQUIRED_METADATA = ('category', 'n_locations', 'width', 'num_stages', 'input_size', 'preprocessing')
+PREPROCESSING_MODES = ('kpjax', 'kpdem')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, unreadable or not a kpjax model; the message says which and why."""
+
+
+def check_metadata(metadata: dict[str, Any], where: str = 'metadata') -> dict[str, Any]:
+  """Returns metadata if it describes a model kpjax can rebuild, else raises CheckpointError."""
+  missing = [k for k in REQUIRED_METADATA if k not in metadata]
+  if missing:
+    raise CheckpointError(f'{where} lacks {", ".join(missing)}; expected the keys {", ".join(REQUIRED_METADATA)}')
+  if metadata['preprocessing'] not in PREPROCESSING_MODES:
+    raise CheckpointError(f'{where}: preprocessing {metadata["preprocessing"]!r} is not one of {PREPROCESSING_MODES}')
+  try:
+    keypoints.check_category(metadata['category'])
+  except ValueError as e:
+    raise CheckpointError(f'{where}: {e}') from None
+  return metadata
+
+
+def model_metadata(config, **extra) -> dict[str, Any]:
+  """The metadata of a model built from an ml_collections `config` (plus `extra` entries)."""
+  meta = {
+      'category': config.category,
+      'n_locations': keypoints.num_keypoints(config.category),
+      'width': float(config.model.width),
+      'num_stages': int(config.model.num_stages),
+      'input_size': int(config.input_size),
+      'preprocessing': config.preprocessing,
+  }
+  meta.update(extra)
+  return meta
+
+
+def model_from_metadata(metadata: dict[str, Any], **kwargs) -> CoordRegressionNetwork:
+  """The CoordRegressionNetwork the metadata describes; kwargs (dtype, remat...) pass through."""
+  check_metadata(metadata)
+  return CoordRegressionNetwork(n_locations=int(metadata['n_locations']), width=float(metadata['width']),
+                                num_stages=int(metadata['num_stages']), **kwargs)
+
+
+def _to_numpy(tree):
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def save_model(directory: str, variables, metadata: dict[str, Any], force: bool = False) -> str:
+  """Writes an exported model directory atomically: all of it appears, or nothing does.
+
+  Args:
+    directory: the directory to create.
+    variables: the Flax variables, {'params': ...}.
+    metadata: model metadata (REQUIRED_METADATA keys, JSON-serialisable).
+    force: replace an existing directory (only once the new one is complete).
+
+  Returns:
+    The absolute path written.
+  """
+  directory = os.path.abspath(os.path.expanduser(directory))
+  check_metadata(metadata)
+  if os.path.exists(directory) and not force:
+    raise CheckpointError(f'{directory} already exists; choose another output directory or pass --force to replace it')
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.tmp-', dir=parent)
+  target = os.path.join(staging, 'model')
+  try:
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save(target, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(_to_numpy(variables)), metadata=ocp.args.JsonSave(dict(metadata))))
+    checkpointer.close()
+    if os.path.exists(directory):
+      old = directory + '.old-' + os.path.basename(staging)
+      os.rename(directory, old)
+      os.rename(target, directory)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(target, directory)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return directory
+
+
+def _is_step_dir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, 'metadata')) and (
+      os.path.isdir(os.path.join(path, 'params')) or os.path.isdir(os.path.join(path, 'state')))
+
+
+def _latest_step_dir(checkpoints_dir: str, step: int | None) -> str:
+  steps = sorted(int(n) for n in os.listdir(checkpoints_dir) if n.isdigit())
+  if not steps:
+    raise CheckpointError(f'{checkpoints_dir} holds no finished checkpoint yet')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f'{checkpoints_dir} has no checkpoint of step {step}; it has steps {steps}')
+  return os.path.join(checkpoints_dir, str(step))
+
+
+def resolve_model_dir(path: str, step: int | None = None) -> str:
+  """The directory holding a model's `metadata` item: an exported model, a workdir's latest (or
+  given) step, or a step directory itself."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise CheckpointError(f'checkpoint {path} does not exist; expected a converted model directory or a training workdir')
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path} is a file; expected a kpjax model directory or a training workdir '
+                          '(convert a PyTorch file first with python -m convert.torch_to_flax)')
+  if _is_step_dir(path):
+    return path
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
+    return _latest_step_dir(os.path.join(path, CHECKPOINTS_SUBDIR), step)
+  if any(n.isdigit() for n in os.listdir(path)):  # the checkpoints/ directory itself
+    return _latest_step_dir(path, step)
+  raise CheckpointError(f'{path} is not a kpjax checkpoint: expected an exported model (params/ + metadata/) '
+                        f'or a training workdir ({CHECKPOINTS_SUBDIR}/<step>/)')
+
+
+def load_model(path: str, step: int | None = None) -> tuple[dict, dict[str, Any]]:
+  """Loads (variables, metadata) from an exported model directory or a training workdir.
+
+  Variables come back as numpy arrays on the host ({'params': ...}); a workdir gives its latest
+  checkpoint unless `step` is set.
+  """
+  model_dir = resolve_model_dir(path, step)
+  item = 'params' if os.path.isdir(os.path.join(model_dir, 'params')) else 'state'
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    restored = checkpointer.restore(model_dir, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore()}, metadata=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises many types for damaged files
+    raise CheckpointError(f'cannot read the checkpoint in {model_dir}: {type(e).__name__}: {e}') from None
+  finally:
+    checkpointer.close()
+  metadata = check_metadata(dict(restored['metadata']), where=f'{model_dir}/metadata')
+  tree = restored[item]
+  variables = {'params': tree['params']} if item == 'state' else tree
+  if 'params' not in variables:
+    raise CheckpointError(f'{model_dir}/{item} holds no params')
+  return _to_numpy(variables), metadata
