@@ -1,0 +1,258 @@
+"""PyTorch KPDEM checkpoints -> kpjax Flax/orbax models.
+
+    python -m convert.torch_to_flax --config configs/trousers.py \
+        --torch-checkpoint trousers_landmarks.pt --out converted/trousers [--verify] [--force]
+
+reads the checkpoint safely (convert.torch_loading: the released whole-module pickles, state_dicts,
+wrapping dicts, `module.`/`_orig_mod.` prefixes; nothing in the file runs), infers n_locations, width
+and num_stages from its shapes, checks them against the config, converts every tensor exactly once
+(conv weights OIHW -> HWIO, convert.layout) and writes an exported kpjax model directory
+(kpjax.checkpoint.save_model: atomic) whose metadata records the source file, its SHA-256 and the
+input conventions: preprocessing 'kpdem' at 64x64 by default, the original's (kpjax.kpdem).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from convert import layout
+from convert import torch_loading
+from convert.layout import Architecture, LayoutError
+from kpjax import checkpoint
+from kpjax import keypoints
+
+DEFAULT_INPUT_SIZE = 64  # the published training script's square input
+DEFAULT_PREPROCESSING = 'kpdem'
+VERIFY_TOLERANCE = 1e-3  # largest |coordinate difference| (normalised units) --verify accepts
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot become the requested model; the message says why and what to do."""
+
+
+def _to_numpy(key: str, value: Any) -> np.ndarray:
+  """A tensor (torch or numpy) -> float32 numpy (float16/bfloat16/float64 are cast), refusing non-floats."""
+  if isinstance(value, torch.Tensor):
+    value = value.detach().cpu()
+    if not value.dtype.is_floating_point:
+      raise ConversionError(f'{key} is a {value.dtype} tensor; KPDEM parameters are floating point')
+    return value.to(torch.float32).numpy()
+  array = np.asarray(value)
+  if not np.issubdtype(array.dtype, np.floating):
+    raise ConversionError(f'{key} has dtype {array.dtype}; KPDEM parameters are floating point')
+  return array.astype(np.float32, copy=False)
+
+
+def _shapes(state_dict: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def _categories_with(n: int) -> list[str]:
+  return [c for c in keypoints.CATEGORIES + (keypoints.ALL,) if keypoints.num_keypoints(c) == n]
+
+
+def _n_locations_hint(found: int, category: str | None) -> str:
+  fits = _categories_with(found)
+  if fits:
+    hint = (f'A {found}-keypoint checkpoint is a {" or ".join(fits)} model: convert it with '
+            f'{" or ".join(f"--config configs/{c}.py" for c in fits)}.')
+  else:
+    hint = f'No FashionAI category has {found} keypoints: check that this is a KPDEM checkpoint for this data.'
+  if category == 'outwear' and found == 15:
+    hint += (' (The KPDEM write-up says 15 keypoints for outwear, but the FashionAI data has 14 outwear keypoints; '
+             'a 15-output outwear model cannot be mapped onto them without knowing which output is which.)')
+  return hint
+
+
+def check_against(found: Architecture, expected: Architecture, shapes: Mapping[str, tuple[int, ...]],
+                  source: str = 'the config', category: str | None = None) -> None:
+  """Raises ConversionError if the checkpoint's network (`found`) is not the `expected` one.
+
+  Names the deciding tensor, both shapes, and the setting to change. Differences it does not
+  single out are left to layout.check_parameters, which lists every key.
+  """
+  want = layout.expected_shapes(expected)
+  if found.n_locations != expected.n_locations:
+    what = f'category {category!r} has' if category else 'it expects'
+    raise ConversionError(
+        f'{layout.HM_CONV_KEY} has shape {shapes[layout.HM_CONV_KEY]} in the checkpoint but {source} needs '
+        f'{want[layout.HM_CONV_KEY][0]}: the checkpoint predicts {found.n_locations} keypoints and {what} '
+        f'{expected.n_locations}. {_n_locations_hint(found.n_locations, category)}')
+  if found.num_stages != expected.num_stages:
+    last = f'fcn.model{found.num_stages}' if found.num_stages > 1 else 'fcn.model1_1 (no refinement stage)'
+    raise ConversionError(
+        f'the checkpoint has CPM stages 1..{found.num_stages} (its last block is {last}) but {source} has '
+        f'model.num_stages={expected.num_stages}; pass --config.model.num_stages={found.num_stages}')
+  for key in (layout.WIDEST_CONV_KEY, layout.FIRST_CONV_KEY):
+    if key in shapes and shapes[key] != want[key][0]:
+      raise ConversionError(
+          f'{key} has shape {shapes[key]} in the checkpoint but {want[key][0]} for model.width={expected.width:g} '
+          f'in {source}: the checkpoint was made with width {found.width:g}; pass --config.model.width={found.width:g}')
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], *, n_locations: int | None = None, width: float | None = None,
+                       num_stages: int | None = None, source: str = 'the requested model',
+                       category: str | None = None) -> dict:
+  """A torch KPDEM state_dict -> Flax variables {'params': ...} (numpy float32, kernels HWIO).
+
+  Args:
+    state_dict: torch keys (`module.`/`_orig_mod.` prefixes allowed) -> tensors (torch or numpy).
+    n_locations, width, num_stages: what the caller expects; each one left None is inferred from
+      the shapes (hm_conv.weight, the convs' channel counts, the fcn.model<i> blocks present).
+    source: names the expectation in error messages (e.g. "configs/trousers.py (category 'trousers')").
+    category: the expected garment category, for the hint when n_locations differs.
+
+  Raises:
+    ConversionError: the checkpoint's network differs from the expected one, or is not exactly a
+      KPDEM network (every tensor must be used once and every parameter filled).
+  """
+  state_dict, _ = torch_loading.strip_prefixes(state_dict)
+  shapes = _shapes(state_dict)
+  try:
+    found = layout.infer_architecture(shapes)
+    arch = found
+    if (n_locations, width, num_stages) != (None, None, None):
+      expected = Architecture(n_locations=found.n_locations if n_locations is None else int(n_locations),
+                              width=found.width if width is None else float(width),
+                              num_stages=found.num_stages if num_stages is None else int(num_stages))
+      if not layout.same_shapes(found, expected):
+        check_against(found, expected, shapes, source, category)
+      arch = expected
+    layout.check_parameters(shapes, arch)
+  except LayoutError as e:
+    raise ConversionError(str(e)) from None
+  variables: dict = {}
+  for key, (_, path, flax_shape) in layout.expected_shapes(arch).items():
+    array = layout.torch_to_flax_array(key, _to_numpy(key, state_dict[key]))
+    assert array.shape == flax_shape, (key, array.shape, flax_shape)
+    layout.nested_set(variables, path, array)
+  return variables
+
+
+def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, Any], arch: Architecture,
+                       input_size: int, preprocessing: str, seed: int = 0) -> dict[str, float]:
+  """Runs the torch network (convert.torch_model) and the Flax one on one random image.
+
+  The image has the value range the model expects ([0, 1/255] for 'kpdem', roughly standardised
+  for 'kpjax'). Returns {'coords': max |difference| of the coordinates (normalised units),
+  'heatmaps': max |difference| of the heatmaps}.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from convert import torch_model  # pylint: disable=g-import-not-at-top
+  from kpjax import model as kpmodel  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  image = rng.random((1, input_size, input_size, 3), dtype=np.float32)
+  image = image / np.float32(255.0) if preprocessing == 'kpdem' else (image - 0.5) / 0.25
+  net = torch_model.CoordRegression(arch.n_locations, width=arch.width, num_stages=arch.num_stages)
+  clean, _ = torch_loading.strip_prefixes(state_dict)
+  net.load_state_dict({k: v.float() if hasattr(v, 'float') else torch.from_numpy(np.asarray(v, np.float32))
+                       for k, v in clean.items()}, strict=True)
+  net.eval()
+  with torch.no_grad():
+    t_coords, t_heatmaps = net(torch.from_numpy(image).permute(0, 3, 1, 2).contiguous())
+  flax_net = kpmodel.CoordRegressionNetwork(arch.n_locations, width=arch.width, num_stages=arch.num_stages)
+  f_coords, f_heatmaps = flax_net.apply(variables, jnp.asarray(image))
+  return {'coords': float(np.max(np.abs(np.asarray(f_coords) - t_coords.numpy()))),
+          'heatmaps': float(np.max(np.abs(np.asarray(f_heatmaps) - t_heatmaps.numpy())))}
+
+
+def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: str = 'the config',
+                       input_size: int = DEFAULT_INPUT_SIZE, preprocessing: str = DEFAULT_PREPROCESSING,
+                       force: bool = False, verify: bool = False,
+                       log: Callable[[str], None] = print) -> tuple[str, dict[str, Any]]:
+  """The CLI's work: read, check, convert, optionally verify, then write `out` atomically.
+
+  Nothing is written unless every step succeeds. Returns (absolute output path, metadata).
+  Raises TorchCheckpointError, ConversionError or kpjax.checkpoint.CheckpointError.
+  """
+  if isinstance(input_size, bool) or int(input_size) != input_size or input_size < 8 or input_size % 8:
+    raise ConversionError(f'--input-size must be a positive multiple of 8 (three 2x2 pool/unpool steps); '
+                          f'got {input_size}')
+  if preprocessing not in checkpoint.PREPROCESSING_MODES:
+    raise ConversionError(f'--preprocessing must be one of {", ".join(checkpoint.PREPROCESSING_MODES)}; '
+                          f'got {preprocessing!r}')
+  out_abs = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out_abs) and not force:  # fail before the (slow) reading and converting
+    raise checkpoint.CheckpointError(f'{out_abs} already exists; choose another output directory or pass '
+                                     '--force to replace it')
+  try:
+    category = keypoints.check_category(config.category)
+  except ValueError as e:
+    raise ConversionError(f'{config_name}: {e}') from None
+  expected = Architecture(n_locations=keypoints.num_keypoints(category), width=float(config.model.width),
+                          num_stages=int(config.model.num_stages))
+  source = f"{config_name} (category '{category}')"
+
+  ckpt = torch_loading.load_torch_checkpoint(torch_checkpoint)
+  log(f'read {ckpt.path}: {ckpt.container}, {ckpt.file_format} format, {len(ckpt.state_dict)} tensors'
+      + (f', removed key prefixes {" ".join(ckpt.prefixes)}' if ckpt.prefixes else ''))
+  variables = convert_state_dict(ckpt.state_dict, n_locations=expected.n_locations, width=expected.width,
+                                 num_stages=expected.num_stages, source=source, category=category)
+  log(f'converted {len(ckpt.state_dict)} tensors -> CoordRegressionNetwork({expected.describe()})')
+  metadata = checkpoint.model_metadata(
+      config, input_size=int(input_size), preprocessing=preprocessing,
+      source=os.path.basename(ckpt.path), sha256=ckpt.sha256, source_format=f'{ckpt.container} ({ckpt.file_format})',
+      converter='convert.torch_to_flax')
+  if verify:
+    diffs = compare_with_torch(ckpt.state_dict, variables, expected, int(input_size), preprocessing)
+    log(f'verify: largest coordinate difference {diffs["coords"]:.3g}, largest heatmap difference '
+        f'{diffs["heatmaps"]:.3g} (torch vs Flax, one random {input_size}x{input_size} image)')
+    if not diffs['coords'] <= VERIFY_TOLERANCE:
+      raise ConversionError(f'--verify: the converted model disagrees with the torch one (coordinates differ by '
+                            f'{diffs["coords"]:.3g} > {VERIFY_TOLERANCE}); nothing was written')
+  path = checkpoint.save_model(out_abs, variables, metadata, force=force)
+  log(f'wrote {path} (preprocessing={preprocessing}, input_size={input_size})')
+  return path, metadata
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from convert import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    sys.stderr.write(f'error: unexpected arguments {" ".join(argv[1:])}\n')
+    sys.exit(2)
+  f = flags.FLAGS
+  cli.quiet_logging()
+  try:
+    convert_checkpoint(f.config, f['torch-checkpoint'].value, f.out, config_name=config_flags.get_config_filename(f['config']),
+                       input_size=f['input-size'].value, preprocessing=f.preprocessing, force=f.force,
+                       verify=f.verify)
+  except (torch_loading.TorchCheckpointError, ConversionError, checkpoint.CheckpointError, OSError) as e:
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(1)
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Category config, e.g. configs/trousers.py (fields may be '
+                                  'overridden: --config.model.width=0.5).', lock_config=True)
+  flags.DEFINE_string('torch-checkpoint', None, 'The PyTorch file: a released whole-module pickle, a state_dict or '
+                      'a dict wrapping one.')
+  flags.DEFINE_string('out', None, 'The model directory to write (must not exist unless --force).')
+  flags.DEFINE_integer('input-size', DEFAULT_INPUT_SIZE, 'Side of the square network input recorded in the '
+                       'metadata (the original trained at 64).')
+  flags.DEFINE_enum('preprocessing', DEFAULT_PREPROCESSING, list(checkpoint.PREPROCESSING_MODES),
+                    "Input conventions recorded in the metadata: 'kpdem' (the original's, for released models) "
+                    "or 'kpjax'.")
+  flags.DEFINE_bool('force', False, 'Replace --out if it exists (only once the new model is complete).')
+  flags.DEFINE_bool('verify', False, 'Run the torch and the converted network on a random image and print the '
+                    'largest coordinate and heatmap differences (fails above 1e-3).')
+  flags.mark_flags_as_required(['config', 'torch-checkpoint', 'out'])
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  from convert import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)
