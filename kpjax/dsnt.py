@@ -95,7 +95,10 @@ def euclidean_losses(actual: jax.Array, target: jax.Array) -> jax.Array:
 def l1_losses(actual: jax.Array, target: jax.Array) -> jax.Array:
   """Mean absolute error over the D coordinates of each point: (B, L, D) -> (B, L)."""
   _check_same_shape(actual, target)
-  return jnp.abs(actual - target).mean(-1)
+  diff = actual - target
+  # |d| written as d * sign(d): the same value, and the gradient sign(d), 0 at an exact hit as in torch
+  # (jnp.abs's gradient at 0 is 1).
+  return (diff * jnp.sign(diff)).mean(-1)
 
 
 def mse_losses(actual: jax.Array, target: jax.Array) -> jax.Array:
