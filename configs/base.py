@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_eval_images = 0  # 0 = the whole eval split
   config.data.worker_count = 0  # grain worker processes (0 = in the main process)
   config.data.worker_buffer_size = 2
+  # Threads decoding/augmenting per process (PIL releases the GIL); 0 = auto: min(8, CPU cores)
+  # without worker processes, 2 per worker with them.
+  config.data.num_threads = 0
 
   # ---- Input ----------------------------------------------------------------------------
   # Side of the square network input in pixels; a multiple of 8 (pool/unpool three times).
@@ -72,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Loop -----------------------------------------------------------------------------
   config.seed = 0
+  # Stop (with a checkpoint) after this step and resume later from the workdir, e.g. to fit a run
+  # into job slots; the schedule still spans total_steps. 0 = run to total_steps.
+  config.stop_at_step = 0
   config.log_every_steps = 50
   config.eval_every_steps = 2000
   config.eval_batch_size = 32

@@ -1,0 +1,281 @@
+"""Training: `python -m kpjax.train --config configs/X.py --workdir DIR [--config.FIELD=VALUE ...]`.
+
+Data-parallel over every device of every process, evaluated with FashionAI's NE, checkpointed with
+orbax (state, data iterator position, metadata) and resumed from DIR by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from kpjax import checkpoint as ckpt_lib
+from kpjax import keypoints
+from kpjax import parallel
+from kpjax import train_step as ts
+from kpjax.train_log import MetricWriter, Progress
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and pictures.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a diverged loss); the message says why and what is kept."""
+
+
+def check_config(config, num_devices: int) -> None:
+  """Raises ValueError with the offending field for configs that cannot train."""
+  keypoints.check_category(config.category)
+  if config.input_size <= 0 or config.input_size % 8:
+    raise ValueError(f'config.input_size must be a positive multiple of 8; got {config.input_size}')
+  if config.batch_size <= 0 or config.batch_size % num_devices:
+    raise ValueError(f'config.batch_size ({config.batch_size}) must be a positive multiple of the device count '
+                     f'({num_devices}): the global batch is split evenly across devices')
+  if config.total_steps <= 0:
+    raise ValueError(f'config.total_steps must be positive; got {config.total_steps}')
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    if config[field] <= 0:
+      raise ValueError(f'config.{field} must be positive; got {config[field]}')
+  if config.preprocessing not in ('kpjax', 'kpdem'):
+    raise ValueError(f"config.preprocessing must be 'kpjax' or 'kpdem'; got {config.preprocessing!r}")
+
+
+def _checkpoint_manager(workdir: str, config):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  policies = ocp.checkpoint_managers
+  options = ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False,
+      preservation_policy=policies.AnyPreservationPolicy([
+          policies.LatestN(n=int(config.keep_checkpoints)),
+          policies.BestN(get_metric_fn=lambda m: m['eval/ne'], reverse=True, n=1,
+                         keep_checkpoints_without_metrics=False),
+      ]))
+  return ocp.CheckpointManager(os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR), options=options,
+                               item_names=('state', 'metadata', 'data'))
+
+
+def _save(manager, step: int, state: ts.TrainState, config, data_state: dict, ne: float | None) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if manager.latest_step() == step:
+    return
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state.as_dict()),
+      metadata=ocp.args.JsonSave(ckpt_lib.model_metadata(config, step=step)),
+      data=ocp.args.JsonSave({'iterator': pipeline.state_to_json(data_state)})),
+      metrics=None if ne is None else {'eval/ne': float(ne)})
+  manager.wait_until_finished()
+
+
+def _restore(manager, state: ts.TrainState) -> tuple[ts.TrainState, dict | None]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  step = manager.latest_step()
+  if step is None:
+    return state, None
+  target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state.as_dict())
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  return ts.TrainState(**restored['state']), pipeline.state_from_json(restored['data']['iterator'])
+
+
+def _init_from(path: str, config, state: ts.TrainState) -> ts.TrainState:
+  """Replaces the fresh parameters by those of a converted or exported model (fine-tuning)."""
+  variables, meta = ckpt_lib.load_model(path)
+  want = ckpt_lib.model_metadata(config)
+  for key in ('n_locations', 'width', 'num_stages'):
+    if float(meta[key]) != float(want[key]):
+      raise ValueError(f'init_from {path}: the checkpoint has {key}={meta[key]} but the config gives {want[key]}; '
+                       f'use a config of the same category and model size')
+  if meta['category'] != want['category']:
+    raise ValueError(f'init_from {path}: the checkpoint is a {meta["category"]} model but the config trains '
+                     f'{want["category"]}')
+  if meta['preprocessing'] != config.preprocessing:
+    print(f'note: {path} was trained with preprocessing={meta["preprocessing"]!r}, this run uses '
+          f'{config.preprocessing!r}; the first steps will adapt the model to the new input conventions')
+  fresh = jax.tree_util.tree_structure(state.params)
+  if jax.tree_util.tree_structure(variables['params']) != fresh:
+    raise ValueError(f'init_from {path}: its parameter tree differs from this model\'s')
+  return state.replace(params=jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), variables['params']))
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT: the loop saves a checkpoint and exits at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __call__(self, signum, frame):
+    del frame
+    if self.signal is not None:  # a second Ctrl-C: give up at once
+      raise KeyboardInterrupt
+    self.signal = signum
+
+
+def _evaluate(config, model, params, eval_source, step: int, workdir: str, writer: MetricWriter,
+              predict_fn) -> float:
+  from kpjax import inference  # pylint: disable=g-import-not-at-top
+  from kpjax import visualize  # pylint: disable=g-import-not-at-top
+  from kpjax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
+  del model
+  batches = pipeline.eval_batches(config, eval_source, batch_size=int(config.eval_batch_size),
+                                  max_images=int(config.data.num_eval_images))
+  scores, preds = inference.evaluate_batches(predict_fn, {'params': params}, batches, config.category,
+                                             config.preprocessing, int(config.input_size))
+  record = {f'eval/{k}': float(v) for k, v in scores.items()
+            if isinstance(v, (int, float, np.floating, np.integer)) and (k == 'ne' or k.startswith(('ne/', 'pck')))}
+  writer.write(step, record)
+  n_vis = min(int(config.num_vis_images), len(preds['image_id']))
+  if n_vis and jax.process_index() == 0:
+    ids = {str(i): k for k, i in enumerate(preds['image_id'][:n_vis])}
+    images = [None] * n_vis
+    for index in range(len(eval_source)):
+      record_i = eval_source[index]
+      k = ids.get(str(record_i['image_id']))
+      if k is not None:
+        images[k] = preprocess.decode_image(record_i['image'], str(record_i['image_id']))
+        if all(im is not None for im in images):
+          break
+    visualize.save_prediction_grid(os.path.join(workdir, 'predictions', f'step_{step:07d}.png'), images,
+                                   preds['pred'][:n_vis], preds['category'][:n_vis], preds['keypoints'][:n_vis],
+                                   preds['visibility'][:n_vis])
+  return float(scores['ne'])
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last metrics."""
+  from kpjax import inference  # pylint: disable=g-import-not-at-top
+  from kpjax import visualize  # pylint: disable=g-import-not-at-top
+  from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mesh = parallel.make_mesh()
+  check_config(config, mesh.devices.size)
+  process, num_processes = jax.process_index(), jax.process_count()
+  print(f'devices: {jax.device_count()}, processes: {num_processes} ({jax.devices()[0].platform}); '
+        f'workdir: {workdir}', flush=True)
+  os.makedirs(workdir, exist_ok=True)
+
+  train_source = pipeline.get_source(config, config.data.train_split, workdir)
+  eval_source = pipeline.get_source(config, config.data.eval_split, workdir)
+  model = ts.build_model(config)
+  optimizer = ts.make_optimizer(config)
+  state = ts.create_train_state(config, jax.random.key(int(config.seed)), model, optimizer)
+  manager = _checkpoint_manager(workdir, config)
+  state, data_state = _restore(manager, state)
+  start = int(state.step)
+  if start == 0 and config.init_from:
+    state = _init_from(config.init_from, config, state)
+    state = state.replace(opt_state=optimizer.init(state.params))
+  train_iter = pipeline.train_iterator(config, train_source, seed=int(config.seed), shard_index=process,
+                                       shard_count=num_processes)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+    print(f'resumed from step {start} in {manager.directory}', flush=True)
+  state = parallel.replicate(jax.device_get(state), mesh)
+  step_fn = ts.make_train_step(model, config, mesh, optimizer)
+  eval_model = ts.build_model(config).clone(remat=False)
+  predict_fn = inference.make_predict_fn(eval_model, config.preprocessing, int(config.input_size))
+
+  writer = MetricWriter(workdir, enabled=process == 0, resume_step=start)
+  progress = Progress(int(config.total_steps), start, enabled=process == 0)
+  stop = _StopFlag()
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  last_ne = None
+  total = int(config.total_steps)
+  stop_at = int(config.get('stop_at_step', 0)) or total
+  try:
+    if start == 0:
+      last_ne = _evaluate(config, eval_model, jax.device_get(state.params), eval_source, 0, workdir, writer,
+                          predict_fn)
+    window_start, window_steps, sums = time.perf_counter(), 0, {}
+    step = start
+    while step < min(total, stop_at):
+      batch = parallel.shard_batch(next(train_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      metrics = jax.device_get(metrics)
+      if not metrics['finite']:
+        kept = manager.latest_step()
+        raise TrainingError(
+            f'training diverged: the loss or its gradient is not finite at step {step} (loss {metrics["loss"]}); '
+            + (f'the last good checkpoint (step {kept}) is kept in {manager.directory}' if kept is not None
+               else 'no checkpoint was written') + '. Lower config.learning_rate or config.grad_clip_norm.')
+      window_steps += 1
+      for k in ('loss', 'euclidean', 'js', 'grad_norm'):
+        sums[k] = sums.get(k, 0.0) + float(metrics[k])
+      if step % config.log_every_steps == 0 or step == total:
+        elapsed = time.perf_counter() - window_start
+        record = {f'train/{k}': v / window_steps for k, v in sums.items()}
+        record['train/lr'] = float(metrics['lr'])
+        record['train/images_per_s'] = window_steps * config.batch_size / max(elapsed, 1e-9)
+        writer.write(step, record)
+        progress.update(step, record['train/loss'], record['train/images_per_s'])
+        window_start, window_steps, sums = time.perf_counter(), 0, {}
+      evaluated = False
+      if step % config.eval_every_steps == 0 or step == total:
+        last_ne = _evaluate(config, eval_model, jax.device_get(state.params), eval_source, step, workdir, writer,
+                            predict_fn)
+        progress.note(f'step {step}: eval/ne {last_ne:.4f}')
+        evaluated = True
+      if step % config.checkpoint_every_steps == 0 or step == total or step == stop_at or stop.signal:
+        _save(manager, step, state, config, train_iter.get_state(), last_ne if evaluated else None)
+      if stop.signal:
+        progress.note(f'stopped by signal {stop.signal} at step {step}; checkpoint saved, rerun to resume')
+        break
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    progress.close()
+    writer.close()
+    close = getattr(train_iter, 'close', None)
+    if close:
+      close()
+    manager.close()
+  if process == 0 and os.path.exists(writer.path):
+    visualize.plot_curves(writer.path, os.path.join(workdir, 'curves.png'))
+  return {'step': int(jax.device_get(state.step)), 'eval/ne': last_ne}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  if _WORKDIR.value is None:
+    _fail('--workdir is required (the directory for checkpoints and metrics)')
+  from kpjax.data.pipeline import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (DatasetNotFoundError, ckpt_lib.CheckpointError, ValueError, TrainingError) as e:
+    _fail(str(e))
+  ne = result['eval/ne']
+  print(f'done: step {result["step"]}' + (f', eval/ne {ne:.4f}' if ne is not None else ''), flush=True)
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def run() -> None:
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

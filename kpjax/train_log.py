@@ -1,0 +1,112 @@
+"""Training logs: `metrics.jsonl` (one JSON object a line), TensorBoard events, a progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+class MetricWriter:
+  """Appends {'step': s, **scalars} lines to DIR/metrics.jsonl and mirrors them to TensorBoard.
+
+  Only one process of a multi-process run writes (enabled=False elsewhere). A resumed run drops the
+  lines of steps after the checkpoint it resumed from, so the file reads as one uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    if resume_step is not None and os.path.exists(self.path):
+      self._truncate_after(resume_step)
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    except ImportError:
+      self._tb = None
+
+  def _truncate_after(self, step: int) -> None:
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line).get('step', 0) <= step:
+            kept.append(line if line.endswith('\n') else line + '\n')
+        except json.JSONDecodeError:
+          continue
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step)}
+    record.update({k: float(v) for k, v in scalars.items()})
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if math.isfinite(float(v)):
+          self._tb.add_scalar(k, float(v), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A one-line progress display (step, loss, images/s, ETA) on terminals; plain lines elsewhere."""
+
+  def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
+    self.total, self.start = total, start
+    self.stream = stream or sys.stdout
+    self.enabled = enabled
+    self.tty = enabled and self.stream.isatty()
+    self.t0 = time.perf_counter()
+    self._open_line = False
+
+  def update(self, step: int, loss: float, images_per_s: float) -> None:
+    if not self.enabled:
+      return
+    done = step - self.start
+    elapsed = time.perf_counter() - self.t0
+    eta = elapsed / done * (self.total - step) if done > 0 else float('nan')
+    text = (f'step {step}/{self.total}  loss {loss:.4f}  {images_per_s:.1f} img/s  '
+            f'ETA {_duration(eta)}')
+    if self.tty:
+      self.stream.write('\r' + text.ljust(78))
+      self._open_line = True
+    else:
+      self.stream.write(text + '\n')
+    self.stream.flush()
+
+  def note(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self._open_line:
+      self.stream.write('\n')
+      self._open_line = False
+    self.stream.write(text + '\n')
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.enabled and self._open_line:
+      self.stream.write('\n')
+      self.stream.flush()
+    self._open_line = False
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '--'
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
