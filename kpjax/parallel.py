@@ -19,8 +19,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None) -> None:
   """Joins a multi-process run: explicit flags, or auto-detection on TPU pods / SLURM / Open MPI.
 
-  A single-process run (no flags and nothing to detect) is left alone.
+  A single-process run (no flags and nothing to detect) is left alone. CPU collectives across
+  processes go through gloo (the CPU backend has none by default; accelerators are unaffected).
   """
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if coordinator_address or num_processes:
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)

@@ -52,6 +52,10 @@ def check_config(config, num_devices: int) -> None:
       raise ValueError(f'config.{field} must be positive; got {config[field]}')
   if config.preprocessing not in ('kpjax', 'kpdem'):
     raise ValueError(f"config.preprocessing must be 'kpjax' or 'kpdem'; got {config.preprocessing!r}")
+  ts.make_optimizer(config)  # raises for an unknown optimizer or schedule
+  ts.build_model(config)  # raises for an unknown compute_dtype
+  if config.remat and not hasattr(jax.checkpoint_policies, config.remat_policy):
+    raise ValueError(f'unknown config.remat_policy {config.remat_policy!r}; expected a jax.checkpoint_policies name')
 
 
 def _checkpoint_manager(workdir: str, config):

@@ -19,6 +19,7 @@ from kpjax.model import CoordRegressionNetwork, init_variables
 
 OPTIMIZERS = ('adam', 'rmsprop')
 SCHEDULES = ('cosine', 'step', 'constant')
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -34,6 +35,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 def build_model(config) -> CoordRegressionNetwork:
   """The network a config describes (n_locations from its category)."""
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'unknown compute_dtype {config.compute_dtype!r}; expected one of {", ".join(COMPUTE_DTYPES)}')
   return CoordRegressionNetwork(
       n_locations=keypoints.num_keypoints(config.category), width=float(config.model.width),
       num_stages=int(config.model.num_stages), dtype=jnp.dtype(config.compute_dtype), remat=bool(config.remat),
@@ -111,7 +114,7 @@ def make_train_step(model: CoordRegressionNetwork, config, mesh: jax.sharding.Me
   def step(state: TrainState, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, aux), grads = grad_fn(state.params, model, batch, sigma_t, js_weight)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,87 @@
+"""A tiny in-memory FashionAI-like dataset and a slim config, for training tests (also run as a script
+in subprocesses: `python tests/train_fixture.py WORKDIR JSON_OVERRIDES`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kpjax import keypoints as kp  # pylint: disable=wrong-import-position
+from kpjax.data import pipeline  # pylint: disable=wrong-import-position
+
+
+def make_records(n: int, seed: int, category: str = 'trousers') -> list[dict]:
+  """n JPEG records of `category` with coloured squares at random keypoints (learnable, seeded)."""
+  rng = np.random.default_rng(seed)
+  records = []
+  for i in range(n):
+    h, w = 64, 48
+    image = np.full((h, w, 3), 200, np.uint8)
+    xy = np.full((kp.NUM_KEYPOINTS, 2), -1, np.float32)
+    vis = np.full((kp.NUM_KEYPOINTS,), -1, np.int32)
+    for j in kp.keypoint_indices(category):
+      x, y = int(rng.integers(4, w - 4)), int(rng.integers(4, h - 4))
+      xy[j], vis[j] = (x, y), 1
+      image[y - 2:y + 3, x - 2:x + 3] = (10 * j, 255 - 10 * j, 0)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format='JPEG', quality=95)
+    records.append(dict(image=buf.getvalue(), image_id=f'Images/{category}/{seed}_{i}.jpg',
+                        category=kp.category_index(category), keypoints=xy, visibility=vis, height=h, width=w))
+  return records
+
+
+RECORDS = {'train': make_records(16, 0), 'validation': make_records(8, 1)}
+
+
+def install_source() -> None:
+  """Makes pipeline.get_source serve RECORDS instead of a TFDS dataset."""
+  pipeline.get_source = lambda config, split, workdir=None: pipeline.RecordSource(RECORDS[split], split)
+
+
+def tiny_config(**overrides):
+  config = base.get_config()
+  config.category = 'trousers'
+  config.input_size = 32
+  config.model.width = 0.125
+  config.model.num_stages = 1
+  config.batch_size = 4
+  config.eval_batch_size = 8
+  config.total_steps = 8
+  config.warmup_steps = 2
+  config.log_every_steps = 1
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 4
+  config.num_vis_images = 2
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def train_losses(workdir: str) -> list[tuple[int, float]]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return [(r['step'], r['train/loss']) for r in records if 'train/loss' in r]
+
+
+if __name__ == '__main__':
+  import jax  # pylint: disable=g-import-not-at-top
+  from kpjax import parallel  # pylint: disable=g-import-not-at-top
+  from kpjax import train  # pylint: disable=g-import-not-at-top
+  workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
+  dist = overrides.pop('_distributed', None)
+  if dist:
+    parallel.initialize_distributed(dist['coordinator'], dist['num_processes'], dist['process_id'])
+  install_source()
+  print(json.dumps(train.train_and_evaluate(tiny_config(**overrides), workdir)))
