@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kpjax import conv as conv_lib
 from kpjax import dsnt
 
 # One row per conv: (name, output channels, kernel size). Stride 1, padding kernel // 2, ReLU after
@@ -78,18 +79,35 @@ def pool_unpool(x: jax.Array) -> jax.Array:
   return jnp.where(keep.reshape(x.shape), x, jnp.zeros((), x.dtype))
 
 
+class Conv(nn.Module):
+  """A stride-1 'SAME' conv with bias: nn.Conv's parameters (names, shapes, initialisers), but computed by
+  `kpjax.conv.conv2d`, which picks Winograd or XLA's direct convolution (`algorithm`, default 'auto')."""
+  features: int
+  kernel_size: int
+  dtype: Any = jnp.float32
+  algorithm: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    return conv_lib.conv2d(x, kernel, self.algorithm) + bias
+
+
 class ConvBlock(nn.Module):
   """A named run of convs from a layer table (torch: `make_layers` -> nn.Sequential)."""
   layers: Sequence[Layer]
   width: float = 1.0
   dtype: Any = jnp.float32
+  conv_algorithm: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     for name, channels, kernel in self.layers:
-      pad = kernel // 2
-      x = nn.Conv(scaled_channels(channels, self.width), (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                  dtype=self.dtype, param_dtype=jnp.float32, name=name)(x)
+      x = Conv(scaled_channels(channels, self.width), kernel, dtype=self.dtype, algorithm=self.conv_algorithm,
+               name=name)(x)
       if name not in NO_RELU:
         x = nn.relu(x)
     return x
@@ -106,6 +124,7 @@ class KeyPointsModel(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
+  conv_algorithm: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -115,7 +134,8 @@ class KeyPointsModel(nn.Module):
 
     def block(spec):
       name, layers = spec
-      return block_cls(layers=layers, width=self.width, dtype=self.dtype, name=name)
+      return block_cls(layers=layers, width=self.width, dtype=self.dtype, conv_algorithm=self.conv_algorithm,
+                       name=name)
 
     for i, spec in enumerate(BACKBONE):
       x = block(spec)(x)
@@ -151,6 +171,9 @@ class CoordRegressionNetwork(nn.Module):
     num_stages: CPM stages kept, 1..6 (6 = the original).
     dtype: compute dtype of the convolutions (parameters stay float32).
     remat: rematerialise each block in the backward pass (jax.checkpoint with `remat_policy`).
+    conv_algorithm: 'auto' (Winograd for the 3x3 and 7x7 convs where it pays: float32 on a CPU, >= 64
+      channels, images >= 32x32; XLA's convolution elsewhere), 'direct' (always XLA's, the closest match
+      to PyTorch) or 'winograd'; the parameters are the same whichever. See kpjax.conv.
   """
   n_locations: int
   width: float = 1.0
@@ -158,6 +181,7 @@ class CoordRegressionNetwork(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
+  conv_algorithm: str = 'auto'
 
   def setup(self):
     if not 1 <= self.num_stages <= MAX_STAGES:
@@ -168,7 +192,10 @@ class CoordRegressionNetwork(nn.Module):
       raise ValueError(f'n_locations must be at least 1; got {self.n_locations}')
     if self.remat and not hasattr(jax.checkpoint_policies, self.remat_policy):
       raise ValueError(f'unknown remat_policy {self.remat_policy!r}; expected a jax.checkpoint_policies name')
-    self.fcn = KeyPointsModel(self.width, self.num_stages, self.dtype, self.remat, self.remat_policy)
+    if self.conv_algorithm not in conv_lib.ALGORITHMS:
+      raise ValueError(f'conv_algorithm must be one of {conv_lib.ALGORITHMS}; got {self.conv_algorithm!r}')
+    self.fcn = KeyPointsModel(self.width, self.num_stages, self.dtype, self.remat, self.remat_policy,
+                              self.conv_algorithm)
     self.hm_conv = nn.Conv(self.n_locations, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
 
   def __call__(self, images):

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -117,17 +118,51 @@ def _init_from(path: str, config, state: ts.TrainState) -> ts.TrainState:
   return state.replace(params=jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), variables['params']))
 
 
-class _StopFlag:
-  """Set by SIGTERM/SIGINT: the loop saves a checkpoint and exits at the next step boundary."""
+class _StopRequest:
+  """Ctrl-C / SIGTERM (preemption): finish the step in flight, save a checkpoint, exit.
 
-  def __init__(self):
-    self.signal = None
+  One process: Python handlers for SIGINT and SIGTERM. Several processes must stop after the same
+  step (saving is collective): SIGTERM is left to JAX's preemption service (started by
+  jax.distributed.initialize), which agrees on a step (`reached_preemption_sync_point`, asked every
+  step), and a Ctrl-C seen by any process is shared with the others at every log step (an all-gather).
+  A second Ctrl-C gives up at once (KeyboardInterrupt; the last saved checkpoint stays).
+  """
 
-  def __call__(self, signum, frame):
+  def __init__(self, num_processes: int):
+    self.multi = num_processes > 1
+    self.signal: int | None = None
+    signals = (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM)
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+      self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+  def _handle(self, signum, frame):
     del frame
-    if self.signal is not None:  # a second Ctrl-C: give up at once
+    if self.signal is not None:
       raise KeyboardInterrupt
     self.signal = signum
+
+  def should_stop(self, step: int, share: bool) -> bool:
+    """Whether to stop after `step`; every process calls it at every step (`share`: at log steps)."""
+    if not self.multi:
+      return self.signal is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      preempted = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service)
+      preempted = False
+    if preempted:
+      self.signal = self.signal or signal.SIGTERM
+      return True
+    if share and np.any(multihost_utils.process_allgather(np.int32(self.signal is not None))):
+      self.signal = self.signal or signal.SIGINT
+      return True
+    return False
+
+  def restore(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
 
 
 def _evaluate(config, model, params, eval_source, step: int, workdir: str, writer: MetricWriter,
@@ -161,7 +196,13 @@ def _evaluate(config, model, params, eval_source, step: int, workdir: str, write
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last metrics."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint, and returns a summary.
+
+  Returns {'step': the last step trained, 'eval/ne': the last validation NE (None if this call
+  evaluated nothing), 'stopped_by': the signal number that stopped the run early, or None}.
+  Raises TrainingError on a non-finite loss, ValueError (and subclasses: DatasetNotFoundError,
+  CheckpointError) for configs, data or checkpoints that cannot be used.
+  """
   from kpjax import inference  # pylint: disable=g-import-not-at-top
   from kpjax import visualize  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -192,67 +233,105 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     print(f'resumed from step {start} in {manager.directory}', flush=True)
   state = parallel.replicate(jax.device_get(state), mesh)
   step_fn = ts.make_train_step(model, config, mesh, optimizer)
-  eval_model = ts.build_model(config).clone(remat=False)
+  eval_model = model.clone(remat=False)
   predict_fn = inference.make_predict_fn(eval_model, config.preprocessing, int(config.input_size))
 
-  writer = MetricWriter(workdir, enabled=process == 0, resume_step=start)
-  progress = Progress(int(config.total_steps), start, enabled=process == 0)
-  stop = _StopFlag()
-  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-  last_ne = None
+  def evaluate(step: int) -> float:
+    return _evaluate(config, eval_model, jax.device_get(state.params), eval_source, step, workdir, writer,
+                     predict_fn)
+
   total = int(config.total_steps)
-  stop_at = int(config.get('stop_at_step', 0)) or total
+  end = min(total, int(config.get('stop_at_step', 0)) or total)
+  writer = MetricWriter(workdir, enabled=process == 0, resume_step=start)
+  progress = Progress(total, start, enabled=process == 0)
+  stop = _StopRequest(num_processes)
+  last_ne = None
+  step = start
+  window = _TrainWindow(int(config.batch_size))
   try:
     if start == 0:
-      last_ne = _evaluate(config, eval_model, jax.device_get(state.params), eval_source, 0, workdir, writer,
-                          predict_fn)
-    window_start, window_steps, sums = time.perf_counter(), 0, {}
-    step = start
-    while step < min(total, stop_at):
+      last_ne = evaluate(0)
+    pending = None  # (step, metrics) of the step in flight: read after the next one is dispatched
+    while step < end:
       batch = parallel.shard_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
-      metrics = jax.device_get(metrics)
-      if not metrics['finite']:
-        kept = manager.latest_step()
-        raise TrainingError(
-            f'training diverged: the loss or its gradient is not finite at step {step} (loss {metrics["loss"]}); '
-            + (f'the last good checkpoint (step {kept}) is kept in {manager.directory}' if kept is not None
-               else 'no checkpoint was written') + '. Lower config.learning_rate or config.grad_clip_norm.')
-      window_steps += 1
-      for k in ('loss', 'euclidean', 'js', 'grad_norm'):
-        sums[k] = sums.get(k, 0.0) + float(metrics[k])
-      if step % config.log_every_steps == 0 or step == total:
-        elapsed = time.perf_counter() - window_start
-        record = {f'train/{k}': v / window_steps for k, v in sums.items()}
-        record['train/lr'] = float(metrics['lr'])
-        record['train/images_per_s'] = window_steps * config.batch_size / max(elapsed, 1e-9)
+      if pending is not None:
+        window.add(*pending, manager)
+      pending = (step, metrics)
+      log = step % config.log_every_steps == 0 or step == end
+      eval_now = step % config.eval_every_steps == 0 or step == total
+      stopping = stop.should_stop(step, share=log)
+      save = step % config.checkpoint_every_steps == 0 or step == end or stopping
+      if not (log or eval_now or save):
+        continue
+      window.add(*pending, manager)  # every boundary reads its own step's metrics before acting
+      pending = None
+      if log:
+        record = window.flush()
         writer.write(step, record)
         progress.update(step, record['train/loss'], record['train/images_per_s'])
-        window_start, window_steps, sums = time.perf_counter(), 0, {}
-      evaluated = False
-      if step % config.eval_every_steps == 0 or step == total:
-        last_ne = _evaluate(config, eval_model, jax.device_get(state.params), eval_source, step, workdir, writer,
-                            predict_fn)
+      paused = time.perf_counter()
+      if eval_now:
+        last_ne = evaluate(step)
         progress.note(f'step {step}: eval/ne {last_ne:.4f}')
-        evaluated = True
-      if step % config.checkpoint_every_steps == 0 or step == total or step == stop_at or stop.signal:
-        _save(manager, step, state, config, train_iter.get_state(), last_ne if evaluated else None)
-      if stop.signal:
-        progress.note(f'stopped by signal {stop.signal} at step {step}; checkpoint saved, rerun to resume')
+      if save:
+        _save(manager, step, state, config, train_iter.get_state(), last_ne if eval_now else None)
+      window.exclude(time.perf_counter() - paused)  # images/s counts training time only
+      if stopping:
+        progress.note(f'stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved '
+                      f'in {manager.directory}: rerun the same command to resume')
         break
   finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
+    stop.restore()
     progress.close()
     writer.close()
     close = getattr(train_iter, 'close', None)
     if close:
       close()
     manager.close()
-  if process == 0 and os.path.exists(writer.path):
+  if process == 0 and os.path.exists(writer.path) and stop.signal is None:
     visualize.plot_curves(writer.path, os.path.join(workdir, 'curves.png'))
-  return {'step': int(jax.device_get(state.step)), 'eval/ne': last_ne}
+  return {'step': step, 'eval/ne': last_ne, 'stopped_by': stop.signal}
+
+
+class _TrainWindow:
+  """Training metrics since the last log line: checks each step's for NaN/inf and averages them."""
+  KEYS = ('loss', 'euclidean', 'js', 'grad_norm')
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.restart()
+
+  def restart(self) -> None:
+    self.t0, self.steps, self.sums, self.lr = time.perf_counter(), 0, dict.fromkeys(self.KEYS, 0.0), 0.0
+    self.excluded = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (evaluation, checkpointing) out of the images/s of this window."""
+    self.excluded += seconds
+
+  def add(self, step: int, metrics, manager) -> None:
+    metrics = jax.device_get(metrics)
+    if not metrics['finite']:
+      kept = manager.latest_step()
+      raise TrainingError(
+          f'training diverged: the loss or its gradient is not finite at step {step} (loss {metrics["loss"]}); '
+          + (f'the last good checkpoint (step {kept}) is kept in {manager.directory}' if kept is not None
+             else 'no checkpoint was written') + '. Lower config.learning_rate or config.grad_clip_norm.')
+    self.steps += 1
+    for k in self.KEYS:
+      self.sums[k] += float(metrics[k])
+    self.lr = float(metrics['lr'])
+
+  def flush(self) -> dict[str, float]:
+    elapsed = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+    n = max(self.steps, 1)
+    record = {f'train/{k}': v / n for k, v in self.sums.items()}
+    record['train/lr'] = self.lr
+    record['train/images_per_s'] = self.steps * self.batch_size / elapsed
+    self.restart()
+    return record
 
 
 def main(argv):
@@ -267,13 +346,19 @@ def main(argv):
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (DatasetNotFoundError, ckpt_lib.CheckpointError, ValueError, TrainingError) as e:
     _fail(str(e))
+  except KeyboardInterrupt:
+    _fail('interrupted before a checkpoint could be saved; the last saved checkpoint is kept', 130)
   ne = result['eval/ne']
-  print(f'done: step {result["step"]}' + (f', eval/ne {ne:.4f}' if ne is not None else ''), flush=True)
+  summary = f'step {result["step"]}' + (f', eval/ne {ne:.4f}' if ne is not None else '')
+  if result['stopped_by'] is not None:  # the conventional status of a process ended by a signal
+    print(f'stopped: {summary}', flush=True)
+    sys.exit(128 + int(result['stopped_by']))
+  print(f'done: {summary}', flush=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 1) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(1)
+  sys.exit(status)
 
 
 def run() -> None:

@@ -62,14 +62,21 @@ class MetricWriter:
 
 
 class Progress:
-  """A one-line progress display (step, loss, images/s, ETA) on terminals; plain lines elsewhere."""
+  """A progress display: step, loss, images/s and ETA.
 
-  def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
+  On a terminal, one line redrawn in place at every update; elsewhere (logs, CI) quiet: a plain line
+  at most every `quiet_interval_s` seconds and at the last step. Notes (evaluations, stops) always print.
+  """
+
+  def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None,
+               quiet_interval_s: float = 60.0):
     self.total, self.start = total, start
     self.stream = stream or sys.stdout
     self.enabled = enabled
     self.tty = enabled and self.stream.isatty()
     self.t0 = time.perf_counter()
+    self.quiet_interval_s = quiet_interval_s
+    self._last_line = -math.inf
     self._open_line = False
 
   def update(self, step: int, loss: float, images_per_s: float) -> None:
@@ -84,6 +91,10 @@ class Progress:
       self.stream.write('\r' + text.ljust(78))
       self._open_line = True
     else:
+      now = time.perf_counter()
+      if now - self._last_line < self.quiet_interval_s and step < self.total:
+        return
+      self._last_line = now
       self.stream.write(text + '\n')
     self.stream.flush()
 

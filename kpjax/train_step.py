@@ -15,6 +15,7 @@ import optax
 
 from kpjax import keypoints
 from kpjax import losses
+from kpjax import xla_options
 from kpjax.model import CoordRegressionNetwork, init_variables
 
 OPTIMIZERS = ('adam', 'rmsprop')
@@ -125,9 +126,10 @@ def make_train_step(model: CoordRegressionNetwork, config, mesh: jax.sharding.Me
                'lr': schedule(state.step), 'finite': finite}
     return new_state, metrics
 
+  options = xla_options.compiler_options(model)  # keeps remat effective on CPU (see kpjax.xla_options)
   if mesh is None:
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=options)
   from kpjax import parallel  # pylint: disable=g-import-not-at-top
   replicated = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=options)

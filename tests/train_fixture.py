@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import sys
 
 import numpy as np
@@ -41,9 +42,18 @@ def make_records(n: int, seed: int, category: str = 'trousers') -> list[dict]:
 RECORDS = {'train': make_records(16, 0), 'validation': make_records(8, 1)}
 
 
-def install_source() -> None:
-  """Makes pipeline.get_source serve RECORDS instead of a TFDS dataset."""
-  pipeline.get_source = lambda config, split, workdir=None: pipeline.RecordSource(RECORDS[split], split)
+def _get_source(config, split, workdir=None):
+  del config, workdir
+  return pipeline.RecordSource(RECORDS[split], split)
+
+
+def install_source(monkeypatch=None) -> None:
+  """Makes pipeline.get_source serve RECORDS instead of a TFDS dataset (undone after the test when
+  given pytest's monkeypatch; for good in the subprocess script)."""
+  if monkeypatch is None:
+    pipeline.get_source = _get_source
+  else:
+    monkeypatch.setattr(pipeline, 'get_source', _get_source)
 
 
 def tiny_config(**overrides):
@@ -67,6 +77,13 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def free_port() -> int:
+  """A TCP port nobody listens on right now (for a jax.distributed coordinator on localhost)."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
 
 
 def train_losses(workdir: str) -> list[tuple[int, float]]:

@@ -1,0 +1,276 @@
+"""Keypoints for any images, as a FashionAI submission CSV (and optional drawings).
+
+  python -m kpjax.predict --config configs/trousers.py --checkpoint DIR --images test/Images/trousers \\
+      --out preds.csv [--draw DIR] [--flip] [--batch-size 16]
+  python -m kpjax.predict --config configs/all.py --checkpoint DIR --images test/Images \\
+      --categories test/test.csv --out preds.csv
+
+Each image is letterboxed (or resized, for converted KPDEM models) to the model's input exactly as in
+training, run in fixed-size jit-compiled batches, and its keypoints mapped back to the original
+image's pixels. Image ids are paths from the last `Images/` folder on (`Images/skirt/x.jpg`, the
+FashionAI layout), else the paths as found. An unreadable image is reported and skipped; the exit
+status is then 1 (0 when all went well, 2 on a usage error, with no output written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import glob
+import os
+import sys
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from kpjax import keypoints as kp
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+_GLOB_CHARS = set('*?[')
+
+
+class UsageError(ValueError):
+  """A problem with the command line or its inputs that stops the whole run."""
+
+
+def image_id(path: str, root: str | None = None) -> str:
+  """The submission id of an image file: from its last `Images` folder on, else relative to the
+  folder `root` it was found in, else its file name."""
+  parts = os.path.normpath(path).split(os.sep)
+  if 'Images' in parts[:-1]:
+    last = len(parts) - 1 - parts[:-1][::-1].index('Images') - 1
+    return '/'.join(parts[last:])
+  if root is not None:
+    return os.path.relpath(path, root).replace(os.sep, '/')
+  return parts[-1]
+
+
+def collect_images(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+  """Expands files, folders (recursively, image extensions only) and globs.
+
+  Returns:
+    ([(image_id, file path)] in a stable order without repeats, [problems]): a path that does not
+    exist or a pattern that matches nothing is a problem, as is two files sharing one id.
+  """
+  found: list[tuple[str, str]] = []
+  problems: list[str] = []
+  for pattern in paths:
+    if os.path.isdir(pattern):
+      files = []
+      for dirpath, dirnames, filenames in os.walk(pattern):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')]
+      if not files:
+        problems.append(f'{pattern}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
+      found += [(image_id(f, pattern), f) for f in files]
+    elif os.path.exists(pattern):
+      found.append((image_id(pattern), pattern))
+    elif _GLOB_CHARS & set(pattern):
+      files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+      if not files:
+        problems.append(f'{pattern}: matches no file')
+      found += [(image_id(f), f) for f in files]
+    else:
+      problems.append(f'{pattern}: no such file or folder')
+  unique: list[tuple[str, str]] = []
+  seen_paths: set[str] = set()
+  owner: dict[str, str] = {}
+  for iid, path in found:
+    real = os.path.realpath(path)
+    if real in seen_paths:
+      continue
+    seen_paths.add(real)
+    if iid in owner:
+      problems.append(f'{path}: has the same image id {iid!r} as {owner[iid]}; skipped')
+      continue
+    owner[iid] = path
+    unique.append((iid, path))
+  return unique, problems
+
+
+def read_category_csv(path: str) -> dict[str, str]:
+  """{image_id: category} from a CSV whose first two columns are image_id,image_category (test.csv)."""
+  from kpjax.data import csv_io  # pylint: disable=g-import-not-at-top
+  return csv_io.read_categories(path)
+
+
+def _load(item: tuple[str, str, str], input_size: int, preprocessing: str, keep_image: bool):
+  """Reads and prepares one image; returns a dict, or one with 'error' set."""
+  from kpjax.data import preprocess  # pylint: disable=g-import-not-at-top
+  iid, path, category = item
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+    image = preprocess.decode_image(data, name=path)
+    prepared, affine = preprocess.prepare_for_model(image, input_size, preprocessing)
+  except (OSError, ValueError) as e:
+    return {'image_id': iid, 'path': path, 'error': str(e) if path in str(e) else f'{path}: {e}'}
+  return {'image_id': iid, 'path': path, 'category': category, 'input': prepared, 'affine': affine,
+          'size': image.shape[:2], 'image': image if keep_image else None}
+
+
+def prepared_batches(items: Sequence[tuple[str, str, str]], batch_size: int, input_size: int,
+                     preprocessing: str, keep_images: bool, workers: int = 8) -> Iterator[list[dict]]:
+  """Lists of up to `batch_size` loaded images (or errors), read by a thread pool one batch ahead."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    def submit(chunk):
+      return [pool.submit(_load, it, input_size, preprocessing, keep_images) for it in chunk]
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    ahead = [submit(c) for c in chunks[:2]]
+    for k in range(len(chunks)):
+      futures = ahead.pop(0)
+      if k + 2 < len(chunks):
+        ahead.append(submit(chunks[k + 2]))
+      yield [f.result() for f in futures]
+
+
+def submission_cells(coords24: np.ndarray, category: str, height: int, width: int) -> list[str]:
+  """The 24 `x_y_1` cells of one image: its category's keypoints, rounded to whole pixels and kept
+  inside the image; `-1_-1_-1` for the others."""
+  mask = kp.category_mask(category)
+  cells = []
+  for j in range(kp.NUM_KEYPOINTS):
+    if mask[j] and np.isfinite(coords24[j]).all():
+      x = int(np.clip(np.rint(coords24[j, 0]), 0, width - 1))
+      y = int(np.clip(np.rint(coords24[j, 1]), 0, height - 1))
+      cells.append(f'{x}_{y}_1')
+    else:
+      cells.append('-1_-1_-1')
+  return cells
+
+
+def drawing_path(directory: str, iid: str) -> str:
+  """Where --draw puts an image's drawing: its id's folders under `directory`, extension .png."""
+  parts = [p if p not in ('', '.', '..') else '_' for p in os.path.splitext(iid)[0].split('/')]
+  return os.path.join(directory, *parts) + '.png'
+
+
+def parse_args(argv: Sequence[str] | None):
+  parser = argparse.ArgumentParser(prog='python -m kpjax.predict', description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', help='the config the model was trained/converted with (configs/X.py)')
+  parser.add_argument('--checkpoint', required=True, help='an exported model directory or a training workdir')
+  parser.add_argument('--images', nargs='+', required=True, metavar='PATH',
+                      help='image files, folders (searched recursively) or glob patterns')
+  parser.add_argument('--out', required=True, help='the submission CSV to write')
+  parser.add_argument('--draw', metavar='DIR', help='also write one PNG per image with its keypoints drawn')
+  parser.add_argument('--flip', action='store_true',
+                      help='average with the horizontally flipped image (left/right swapped back)')
+  parser.add_argument('--batch-size', type=int, default=16)
+  parser.add_argument('--category', help="every image's garment category (for a model of category 'all')")
+  parser.add_argument('--categories', metavar='CSV',
+                      help="image_id,image_category rows (the official test.csv): each image's category for a "
+                           "model of category 'all'; a per-category model keeps only its own images")
+  parser.add_argument('--step', type=int, help='the checkpoint step of a training workdir (default: latest)')
+  args, rest = parser.parse_known_args(argv)
+  overrides = [a[len('--config.'):] for a in rest if a.startswith('--config.')]
+  unknown = [a for a in rest if not a.startswith('--config.')]
+  if unknown:
+    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  if args.batch_size < 1:
+    parser.error('--batch-size must be at least 1')
+  if args.category and args.categories:
+    parser.error('pass --category or --categories, not both')
+  return args, overrides
+
+
+def assign_categories(items: list[tuple[str, str]], model_category: str, category: str | None,
+                      categories_csv: str | None) -> tuple[list[tuple[str, str, str]], int]:
+  """(image_id, path, category) for every image to predict, and how many were left out.
+
+  A per-category model predicts its own category; given a test.csv it keeps only the images listed
+  with that category (so five models can share one --images folder). An 'all' model needs
+  `category` (every image) or the CSV (each image; an image the CSV lacks is an error).
+  """
+  table = read_category_csv(categories_csv) if categories_csv else None
+  if table is not None:
+    missing = [i for i, _ in items if i not in table]
+    if missing:
+      raise UsageError(f'{categories_csv} has no category for image {missing[0]}'
+                       + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''))
+  if model_category != kp.ALL:
+    if category and category != model_category:
+      raise UsageError(f'--category {category} disagrees with the {model_category} model')
+    kept = [(i, p, model_category) for i, p in items if table is None or table[i] == model_category]
+    return kept, len(items) - len(kept)
+  if category:
+    cat = kp.check_category(category, allow_all=False)
+    return [(i, p, cat) for i, p in items], 0
+  if table is not None:
+    return [(i, p, table[i]) for i, p in items], 0
+  raise UsageError("the model predicts all 24 keypoints (category 'all'): say each image's garment with "
+                   '--category CAT or --categories test.csv')
+
+
+def run(args, overrides) -> int:
+  from kpjax import inference  # pylint: disable=g-import-not-at-top  (JAX only once arguments are fine)
+  from kpjax import visualize  # pylint: disable=g-import-not-at-top
+  from kpjax.data import csv_io  # pylint: disable=g-import-not-at-top
+
+  config = inference.load_config(args.config, overrides) if args.config else None
+  if config is None and overrides:
+    raise UsageError('--config.FIELD overrides need --config')
+  items, problems = collect_images(args.images)
+  for p in problems:
+    print(f'warning: {p}', file=sys.stderr)
+  if not items:
+    raise UsageError('no images to predict: ' + ('; '.join(problems) if problems else 'none given'))
+  model, variables, metadata = inference.load_predictor(args.checkpoint, config, step=args.step)
+  category, size, mode = metadata['category'], int(metadata['input_size']), metadata['preprocessing']
+  work, left_out = assign_categories(items, category, args.category, args.categories)
+  if left_out:
+    print(f'{left_out} images listed with another category than the {category} model\'s are left out',
+          file=sys.stderr)
+  if not work:
+    raise UsageError(f'none of the {len(items)} images is a {category} in {args.categories}')
+  predict_fn = inference.make_predict_fn(model, mode, size, flip=args.flip, category=category)
+
+  rows: list[tuple[str, str, list[str]]] = []
+  failed = list(problems)
+  batch_size = min(args.batch_size, len(work))
+  start = time.perf_counter()
+  for batch in prepared_batches(work, batch_size, size, mode, keep_images=bool(args.draw)):
+    ok = [b for b in batch if 'error' not in b]
+    for b in batch:
+      if 'error' in b:
+        print(f'error: {b["error"]}', file=sys.stderr)
+        failed.append(b['error'])
+    if not ok:
+      continue
+    inputs = np.zeros((batch_size, size, size, 3), np.float32)  # fixed shape: one compilation
+    inputs[:len(ok)] = np.stack([b['input'] for b in ok])
+    coords = np.asarray(predict_fn(variables, inputs))[:len(ok)]
+    pixels = inference.to_24(inference.to_original(coords, np.stack([b['affine'] for b in ok]), mode, size),
+                             category)
+    for b, p in zip(ok, pixels):
+      h, w = b['size']
+      rows.append((b['image_id'], b['category'], submission_cells(p, b['category'], h, w)))
+      if args.draw:
+        drawn = visualize.draw_keypoints(b['image'], p, b['category'], title=b['image_id'])
+        visualize.save_png(drawn, drawing_path(args.draw, b['image_id']))
+  if rows:
+    csv_io.write_text_atomic(args.out, csv_io.format_submission(rows))
+  seconds = time.perf_counter() - start
+  print(f'predicted {len(rows)} of {len(work)} images in {seconds:.1f} s '
+        f'({len(rows) / max(seconds, 1e-9):.1f} images/s, compilation included) -> '
+        f'{args.out if rows else "nothing written"}' + (f'; {len(failed)} problems' if failed else ''),
+        file=sys.stderr)
+  return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, overrides = parse_args(argv)
+  try:
+    return run(args, overrides)
+  except ValueError as e:  # UsageError, CheckpointError, config and category errors
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:  # unreadable or unwritable files
+    print(f'error: {e.filename}: {e.strerror}' if e.filename else f'error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())
