@@ -22,11 +22,11 @@ def get_config():
 
   config.batch_size = 16
   config.eval_batch_size = 50
-  config.total_steps = 1500
-  config.learning_rate = 2e-3
-  config.warmup_steps = 100
+  config.total_steps = 600
+  config.learning_rate = 3e-3
+  config.warmup_steps = 50
   config.log_every_steps = 25
-  config.eval_every_steps = 250
-  config.checkpoint_every_steps = 250
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
   config.num_vis_images = 8
   return config
