@@ -214,22 +214,27 @@ def make_grid(images: Sequence, columns: int = 4, gap: int = 4, background=(255,
   return out
 
 
-def save_png(image, path: str | os.PathLike) -> str:
-  """Writes `image` (PIL or array) to `path` as PNG atomically (temp file + rename); returns the path."""
+def _write_png_atomically(path: str | os.PathLike, write) -> str:
+  """Calls write(tmp_path) on a temporary file beside `path`, then renames it there: no half-written PNG."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  pil = image if isinstance(image, Image.Image) else Image.fromarray(to_uint8_image(image))
   fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.png', dir=directory)
+  os.close(fd)
   try:
-    with os.fdopen(fd, 'wb') as f:
-      pil.save(f, format='PNG')
+    write(tmp)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
   return path
+
+
+def save_png(image, path: str | os.PathLike) -> str:
+  """Writes `image` (PIL or array) to `path` as PNG atomically (temp file + rename); returns the path."""
+  pil = image if isinstance(image, Image.Image) else Image.fromarray(to_uint8_image(image))
+  return _write_png_atomically(path, lambda tmp: pil.save(tmp, format='PNG'))
 
 
 def save_grid(images: Sequence, path: str | os.PathLike, columns: int = 4, max_cell: int = 512) -> str:
@@ -327,16 +332,4 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
   for ax in (ax_loss, ax_ne):
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  path = os.fspath(out_png)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.png', dir=directory)
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format='png')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+  return _write_png_atomically(out_png, lambda tmp: fig.savefig(tmp, format='png'))
