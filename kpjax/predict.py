@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from kpjax import cli
 from kpjax import keypoints as kp
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -262,14 +263,7 @@ def run(args, overrides) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, overrides = parse_args(argv)
-  try:
-    return run(args, overrides)
-  except ValueError as e:  # UsageError, CheckpointError, config and category errors
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except OSError as e:  # unreadable or unwritable files
-    print(f'error: {e.filename}: {e.strerror}' if e.filename else f'error: {e}', file=sys.stderr)
-    return 2
+  return cli.run_reporting_errors(run, args, overrides)
 
 
 if __name__ == '__main__':
