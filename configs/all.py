@@ -1,6 +1,6 @@
 """One model for every garment: 24 outputs, keypoints outside an image's category masked."""
 
-from configs import base
+from kpjax.configs import base
 
 
 def get_config():

@@ -6,7 +6,7 @@ uses, trains one 24-keypoint model (keypoints outside each garment's category ma
 FashionAI's NE per category. Figures measured on the 2-core CI machine are in the README.
 """
 
-from configs import base
+from kpjax.configs import base
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """KPDEM's dress model: 15 keypoints, trained on the FashionAI data (TFDS, built by kpjax.data.build)."""
 
-from configs import base
+from kpjax.configs import base
 
 
 def get_config():

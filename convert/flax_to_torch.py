@@ -21,10 +21,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from convert import layout
-from convert.layout import Architecture, LayoutError
+from . import layout
+from .layout import Architecture, LayoutError
 from kpjax import checkpoint
-from kpjax import keypoints
+from kpjax import cli
+from kpjax import config_check
+from kpjax import spec as spec_lib
 
 
 class ExportError(ValueError):
@@ -67,37 +69,29 @@ def variables_to_state_dict(variables: Mapping[str, Any],
   return state_dict
 
 
-def _check_config(config, metadata: Mapping[str, Any], config_name: str, checkpoint_path: str) -> Architecture:
-  try:
-    category = keypoints.check_category(config.category)
-  except ValueError as e:
-    raise ExportError(f'{config_name}: {e}') from None
-  wanted = {'category': category, 'width': float(config.model.width), 'num_stages': int(config.model.num_stages)}
-  for key, value in wanted.items():
-    if metadata[key] != value:
-      flag = '--config' if key == 'category' else f'--config.model.{key}'
-      fix = (f'pass the config of category {metadata[key]!r}' if key == 'category'
-             else f'pass {flag}={metadata[key]:g}')
-      raise ExportError(f'{config_name} says {key} = {value!r} but {checkpoint_path} holds a model with '
-                        f'{key} = {metadata[key]!r}; {fix}')
-  return Architecture(n_locations=int(metadata['n_locations']), width=float(metadata['width']),
-                      num_stages=int(metadata['num_stages']))
-
-
 def export_checkpoint(config, checkpoint_path: str, out: str, *, config_name: str = 'the config',
                       force: bool = False, dataparallel_prefix: bool = False, legacy_format: bool = False,
                       log: Callable[[str], None] = print) -> str:
-  """The CLI's work: load the kpjax model, check it against `config`, write the state_dict atomically.
+  """The CLI's work: load the kpjax model, check it against `config` (validated here), write the
+  state_dict atomically.
 
-  Returns the absolute path written. Raises ExportError, kpjax.checkpoint.CheckpointError or OSError.
+  Returns the absolute path written. Raises ExportError, ConfigError, SpecMismatch,
+  kpjax.checkpoint.CheckpointError or OSError.
   """
+  config_check.check_config(config, training=False)
   out_abs = os.path.abspath(os.path.expanduser(out))
   if os.path.isdir(out_abs):
     raise ExportError(f'{out_abs} is a directory; --out names the .pth file to write')
   if os.path.exists(out_abs) and not force:
     raise ExportError(f'{out_abs} already exists; choose another output file or pass --force to replace it')
   variables, metadata = checkpoint.load_model(checkpoint_path)
-  arch = _check_config(config, metadata, config_name, checkpoint_path)
+  found = checkpoint.check_metadata(metadata)
+  try:
+    spec_lib.ModelSpec.from_config(config).check_matches(found, spec_lib.NETWORK_FIELDS, mine=config_name,
+                                                         theirs=checkpoint_path)
+  except spec_lib.SpecMismatch as e:
+    raise ExportError(str(e)) from None
+  arch = Architecture(n_locations=found.n_locations, width=found.width, num_stages=found.num_stages)
   state_dict = variables_to_state_dict(variables, arch)
   if dataparallel_prefix:
     state_dict = collections.OrderedDict((f'module.{k}', v) for k, v in state_dict.items())
@@ -112,47 +106,29 @@ def export_checkpoint(config, checkpoint_path: str, out: str, *, config_name: st
       os.remove(tmp)
   log(f'wrote {out_abs}: state_dict of CoordRegression({arch.describe()}), {len(state_dict)} tensors'
       + (', keys prefixed with module.' if dataparallel_prefix else ''))
-  if metadata['preprocessing'] != 'kpdem':
-    log(f"note: this model expects kpjax's input conventions (preprocessing={metadata['preprocessing']!r}, "
-        f"input_size={metadata['input_size']}: letterboxed, mean/std-normalised images; coordinates in dsntnn's "
-        '[-1, 1]), not the original training script\'s; feed it the same way in PyTorch')
+  log(f'note: feed it as it was trained or converted: preprocessing={found.preprocessing.name!r}, '
+      f'input_size={found.input_size} ({found.preprocessing.description})')
   return out_abs
 
 
-def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from convert import cli  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    sys.stderr.write(f'error: unexpected arguments {" ".join(argv[1:])}\n')
-    sys.exit(2)
-  f = flags.FLAGS
-  cli.quiet_logging()
-  try:
-    export_checkpoint(f.config, f.checkpoint, f.out, config_name=config_flags.get_config_filename(f['config']),
-                      force=f.force, dataparallel_prefix=f['dataparallel-prefix'].value,
-                      legacy_format=f['legacy-format'].value)
-  except (ExportError, checkpoint.CheckpointError, OSError) as e:
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(1)
+def _export(args) -> int:
+  export_checkpoint(args.config, args.checkpoint, args.out, config_name=args.config_file, force=args.force,
+                    dataparallel_prefix=args.dataparallel_prefix, legacy_format=args.legacy_format)
+  return cli.OK
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Category config, e.g. configs/trousers.py.', lock_config=True)
-  flags.DEFINE_string('checkpoint', None, 'A kpjax model directory or training workdir.')
-  flags.DEFINE_string('out', None, 'The .pth file to write (must not exist unless --force).')
-  flags.DEFINE_bool('force', False, 'Replace --out if it exists.')
-  flags.DEFINE_bool('dataparallel-prefix', False, "Prefix every key with 'module.' (for a DataParallel-wrapped model).")
-  flags.DEFINE_bool('legacy-format', False, "Write torch's pre-1.6 file format, for PyTorch < 1.6.")
-  flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
+def main(argv=None) -> int:
+  parser = cli.ArgumentParser(prog='python -m convert.flax_to_torch', description=__doc__.split('\n\n')[0])
+  parser.add_config_flag(help_text='the category config, e.g. configs/trousers.py')
+  parser.add_argument('--checkpoint', required=True, help='a kpjax model directory or training workdir')
+  parser.add_argument('--out', required=True, help='the .pth file to write (must not exist unless --force)')
+  parser.add_argument('--force', action='store_true', help='replace --out if it exists')
+  parser.add_argument('--dataparallel-prefix', action='store_true',
+                      help="prefix every key with 'module.' (for a DataParallel-wrapped model)")
+  parser.add_argument('--legacy-format', action='store_true',
+                      help="write torch's pre-1.6 file format, for PyTorch < 1.6")
+  return cli.run(_export, cli.parse(parser, argv))
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  from convert import cli  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  sys.exit(main())

@@ -20,11 +20,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from convert import layout
-from convert import torch_loading
-from convert.layout import Architecture, LayoutError
+from . import layout
+from . import torch_loading
+from .layout import Architecture, LayoutError
 from kpjax import checkpoint
+from kpjax import cli
+from kpjax import config_check
 from kpjax import keypoints
+from kpjax.data import modes
+from kpjax.spec import ModelSpec
 
 DEFAULT_INPUT_SIZE = 64  # the published training script's square input
 DEFAULT_PREPROCESSING = 'kpdem'
@@ -138,18 +142,16 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
                        input_size: int, preprocessing: str, seed: int = 0) -> dict[str, float]:
   """Runs the torch network (convert.torch_model) and the Flax one on one random image.
 
-  The image has the value range the model expects ([0, 1/255] for 'kpdem', roughly standardised
-  for 'kpjax'). Returns {'coords': max |difference| of the coordinates (normalised units),
-  'heatmaps': max |difference| of the heatmaps}.
+  The image has the value range the model's preprocessing gives (`Preprocessing.example_input`).
+  Returns {'coords': max |difference| of the coordinates (normalised units), 'heatmaps': max
+  |difference| of the heatmaps}.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from convert import torch_model  # pylint: disable=g-import-not-at-top
+  from . import torch_model  # pylint: disable=g-import-not-at-top
   from kpjax import model as kpmodel  # pylint: disable=g-import-not-at-top
 
-  rng = np.random.default_rng(seed)
-  image = rng.random((1, input_size, input_size, 3), dtype=np.float32)
-  image = image / np.float32(255.0) if preprocessing == 'kpdem' else (image - 0.5) / 0.25
+  image = modes.get(preprocessing).example_input(np.random.default_rng(seed), (1, input_size, input_size, 3))
   net = torch_model.CoordRegression(arch.n_locations, width=arch.width, num_stages=arch.num_stages)
   clean, _ = torch_loading.strip_prefixes(state_dict)
   net.load_state_dict({k: v.float() if hasattr(v, 'float') else torch.from_numpy(np.asarray(v, np.float32))
@@ -169,90 +171,72 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
                        log: Callable[[str], None] = print) -> tuple[str, dict[str, Any]]:
   """The CLI's work: read, check, convert, optionally verify, then write `out` atomically.
 
-  Nothing is written unless every step succeeds. Returns (absolute output path, metadata).
-  Raises TorchCheckpointError, ConversionError or kpjax.checkpoint.CheckpointError.
+  The model written is the config's (validated here, kpjax.config_check) at `input_size` with
+  `preprocessing`. Nothing is written unless every step succeeds. Returns (absolute output path,
+  metadata). Raises TorchCheckpointError, ConversionError, ConfigError or CheckpointError.
   """
-  if isinstance(input_size, bool) or int(input_size) != input_size or input_size < 8 or input_size % 8:
-    raise ConversionError(f'--input-size must be a positive multiple of 8 (three 2x2 pool/unpool steps); '
-                          f'got {input_size}')
-  if preprocessing not in checkpoint.PREPROCESSING_MODES:
-    raise ConversionError(f'--preprocessing must be one of {", ".join(checkpoint.PREPROCESSING_MODES)}; '
-                          f'got {preprocessing!r}')
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.input_size, config.preprocessing = input_size, preprocessing
+  try:
+    config_check.check_config(config, training=False)
+  except config_check.ConfigError as e:  # the two flags of this command, or a field of the config file
+    raise ConversionError(str(e).replace('config.input_size', '--input-size').replace(
+        'config.preprocessing', '--preprocessing')) from None
+  spec = ModelSpec.from_config(config)
   out_abs = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(out_abs) and not force:  # fail before the (slow) reading and converting
     raise checkpoint.CheckpointError(f'{out_abs} already exists; choose another output directory or pass '
                                      '--force to replace it')
-  try:
-    category = keypoints.check_category(config.category)
-  except ValueError as e:
-    raise ConversionError(f'{config_name}: {e}') from None
-  expected = Architecture(n_locations=keypoints.num_keypoints(category), width=float(config.model.width),
-                          num_stages=int(config.model.num_stages))
-  source = f"{config_name} (category '{category}')"
+  expected = Architecture(n_locations=spec.n_locations, width=spec.width, num_stages=spec.num_stages)
+  source = f"{config_name} (category '{spec.category}')"
 
   ckpt = torch_loading.load_torch_checkpoint(torch_checkpoint)
   log(f'read {ckpt.path}: {ckpt.container}, {ckpt.file_format} format, {len(ckpt.state_dict)} tensors'
       + (f', removed key prefixes {" ".join(ckpt.prefixes)}' if ckpt.prefixes else ''))
   variables = convert_state_dict(ckpt.state_dict, n_locations=expected.n_locations, width=expected.width,
-                                 num_stages=expected.num_stages, source=source, category=category)
+                                 num_stages=expected.num_stages, source=source, category=spec.category)
   log(f'converted {len(ckpt.state_dict)} tensors -> CoordRegressionNetwork({expected.describe()})')
-  metadata = checkpoint.model_metadata(
-      config, input_size=int(input_size), preprocessing=preprocessing,
-      source=os.path.basename(ckpt.path), sha256=ckpt.sha256, source_format=f'{ckpt.container} ({ckpt.file_format})',
-      converter='convert.torch_to_flax')
+  metadata = spec.metadata(source=os.path.basename(ckpt.path), sha256=ckpt.sha256,
+                           source_format=f'{ckpt.container} ({ckpt.file_format})', converter='convert.torch_to_flax')
   if verify:
-    diffs = compare_with_torch(ckpt.state_dict, variables, expected, int(input_size), preprocessing)
+    diffs = compare_with_torch(ckpt.state_dict, variables, expected, spec.input_size, spec.preprocessing.name)
     log(f'verify: largest coordinate difference {diffs["coords"]:.3g}, largest heatmap difference '
-        f'{diffs["heatmaps"]:.3g} (torch vs Flax, one random {input_size}x{input_size} image)')
+        f'{diffs["heatmaps"]:.3g} (torch vs Flax, one random {spec.input_size}x{spec.input_size} image)')
     if not diffs['coords'] <= VERIFY_TOLERANCE:
       raise ConversionError(f'--verify: the converted model disagrees with the torch one (coordinates differ by '
                             f'{diffs["coords"]:.3g} > {VERIFY_TOLERANCE}); nothing was written')
   path = checkpoint.save_model(out_abs, variables, metadata, force=force)
-  log(f'wrote {path} (preprocessing={preprocessing}, input_size={input_size})')
+  log(f'wrote {path} (preprocessing={spec.preprocessing.name}, input_size={spec.input_size})')
   return path, metadata
 
 
-def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from convert import cli  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    sys.stderr.write(f'error: unexpected arguments {" ".join(argv[1:])}\n')
-    sys.exit(2)
-  f = flags.FLAGS
-  cli.quiet_logging()
-  try:
-    convert_checkpoint(f.config, f['torch-checkpoint'].value, f.out, config_name=config_flags.get_config_filename(f['config']),
-                       input_size=f['input-size'].value, preprocessing=f.preprocessing, force=f.force,
-                       verify=f.verify)
-  except (torch_loading.TorchCheckpointError, ConversionError, checkpoint.CheckpointError, OSError) as e:
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(1)
+def _convert(args) -> int:
+  convert_checkpoint(args.config, args.torch_checkpoint, args.out, config_name=args.config_file,
+                     input_size=args.input_size, preprocessing=args.preprocessing, force=args.force,
+                     verify=args.verify)
+  return cli.OK
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Category config, e.g. configs/trousers.py (fields may be '
-                                  'overridden: --config.model.width=0.5).', lock_config=True)
-  flags.DEFINE_string('torch-checkpoint', None, 'The PyTorch file: a released whole-module pickle, a state_dict or '
-                      'a dict wrapping one.')
-  flags.DEFINE_string('out', None, 'The model directory to write (must not exist unless --force).')
-  flags.DEFINE_integer('input-size', DEFAULT_INPUT_SIZE, 'Side of the square network input recorded in the '
-                       'metadata (the original trained at 64).')
-  flags.DEFINE_enum('preprocessing', DEFAULT_PREPROCESSING, list(checkpoint.PREPROCESSING_MODES),
-                    "Input conventions recorded in the metadata: 'kpdem' (the original's, for released models) "
-                    "or 'kpjax'.")
-  flags.DEFINE_bool('force', False, 'Replace --out if it exists (only once the new model is complete).')
-  flags.DEFINE_bool('verify', False, 'Run the torch and the converted network on a random image and print the '
-                    'largest coordinate and heatmap differences (fails above 1e-3).')
-  flags.mark_flags_as_required(['config', 'torch-checkpoint', 'out'])
+def main(argv=None) -> int:
+  parser = cli.ArgumentParser(prog='python -m convert.torch_to_flax', description=__doc__.split('\n\n')[0])
+  parser.add_config_flag(help_text='the category config, e.g. configs/trousers.py (fields may be overridden: '
+                         '--config.model.width=0.5)')
+  parser.add_argument('--torch-checkpoint', required=True,
+                      help='the PyTorch file: a released whole-module pickle, a state_dict or a dict wrapping one')
+  parser.add_argument('--out', required=True, help='the model directory to write (must not exist unless --force)')
+  parser.add_argument('--input-size', type=int, default=DEFAULT_INPUT_SIZE,
+                      help='side of the square network input recorded in the metadata (the original trained at 64)')
+  parser.add_argument('--preprocessing', default=DEFAULT_PREPROCESSING, choices=modes.NAMES,
+                      help="input conventions recorded in the metadata: 'kpdem' (the original's, for released "
+                      "models) or 'kpjax'")
+  parser.add_argument('--force', action='store_true',
+                      help='replace --out if it exists (only once the new model is complete)')
+  parser.add_argument('--verify', action='store_true',
+                      help='run the torch and the converted network on a random image and print the largest '
+                      'coordinate and heatmap differences (fails above 1e-3)')
+  return cli.run(_convert, cli.parse(parser, argv))
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  from convert import cli  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  sys.exit(main())

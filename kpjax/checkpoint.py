@@ -7,8 +7,8 @@ Two layouts, one loader:
 * a training workdir: `DIR/checkpoints/<step>/` from an orbax CheckpointManager with items `state`
   (`params`, `opt_state`, `step`, `rng`), `metadata` (JSON) and `data` (the input iterator state).
 
-The metadata says how to rebuild and feed the model: category, n_locations, width, num_stages,
-input_size, preprocessing ('kpjax' or 'kpdem'), and where it came from (source, sha256, step).
+The metadata is a `kpjax.spec.ModelSpec` (category, n_locations, width, num_stages, input_size,
+preprocessing: how to rebuild and feed the model) plus where it came from (source, sha256, step).
 """
 
 from __future__ import annotations
@@ -22,51 +22,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kpjax import keypoints
-from kpjax.model import CoordRegressionNetwork
+from kpjax.spec import ModelSpec, SpecMismatch
 
 CHECKPOINTS_SUBDIR = 'checkpoints'  # inside a training workdir
-REQUIRED_METADATA = ('category', 'n_locations', 'width', 'num_stages', 'input_size', 'preprocessing')
-PREPROCESSING_MODES = ('kpjax', 'kpdem')
 
 
 class CheckpointError(ValueError):
   """A checkpoint that is missing, unreadable or not a kpjax model; the message says which and why."""
 
 
-def check_metadata(metadata: dict[str, Any], where: str = 'metadata') -> dict[str, Any]:
-  """Returns metadata if it describes a model kpjax can rebuild, else raises CheckpointError."""
-  missing = [k for k in REQUIRED_METADATA if k not in metadata]
-  if missing:
-    raise CheckpointError(f'{where} lacks {", ".join(missing)}; expected the keys {", ".join(REQUIRED_METADATA)}')
-  if metadata['preprocessing'] not in PREPROCESSING_MODES:
-    raise CheckpointError(f'{where}: preprocessing {metadata["preprocessing"]!r} is not one of {PREPROCESSING_MODES}')
+def check_metadata(metadata: dict[str, Any], where: str = 'metadata') -> ModelSpec:
+  """The ModelSpec the metadata describes, or CheckpointError if it describes no model kpjax can build."""
   try:
-    keypoints.check_category(metadata['category'])
-  except ValueError as e:
-    raise CheckpointError(f'{where}: {e}') from None
-  return metadata
-
-
-def model_metadata(config, **extra) -> dict[str, Any]:
-  """The metadata of a model built from an ml_collections `config` (plus `extra` entries)."""
-  meta = {
-      'category': config.category,
-      'n_locations': keypoints.num_keypoints(config.category),
-      'width': float(config.model.width),
-      'num_stages': int(config.model.num_stages),
-      'input_size': int(config.input_size),
-      'preprocessing': config.preprocessing,
-  }
-  meta.update(extra)
-  return meta
-
-
-def model_from_metadata(metadata: dict[str, Any], **kwargs) -> CoordRegressionNetwork:
-  """The CoordRegressionNetwork the metadata describes; kwargs (dtype, remat...) pass through."""
-  check_metadata(metadata)
-  return CoordRegressionNetwork(n_locations=int(metadata['n_locations']), width=float(metadata['width']),
-                                num_stages=int(metadata['num_stages']), **kwargs)
+    return ModelSpec.from_metadata(metadata, where=where)
+  except SpecMismatch as e:
+    raise CheckpointError(str(e)) from None
 
 
 def _to_numpy(tree):
@@ -79,7 +49,7 @@ def save_model(directory: str, variables, metadata: dict[str, Any], force: bool 
   Args:
     directory: the directory to create.
     variables: the Flax variables, {'params': ...}.
-    metadata: model metadata (REQUIRED_METADATA keys, JSON-serialisable).
+    metadata: model metadata (`ModelSpec.metadata()` plus JSON-serialisable extras).
     force: replace an existing directory (only once the new one is complete).
 
   Returns:
@@ -148,7 +118,8 @@ def resolve_model_dir(path: str, step: int | None = None) -> str:
 def load_model(path: str, step: int | None = None) -> tuple[dict, dict[str, Any]]:
   """Loads (variables, metadata) from an exported model directory or a training workdir.
 
-  Variables come back as numpy arrays on the host ({'params': ...}); a workdir gives its latest
+  The metadata describes a model (`check_metadata(metadata)` is its ModelSpec). Variables come back
+  as numpy arrays on the host ({'params': ...}); a workdir gives its latest
   checkpoint unless `step` is set.
   """
   model_dir = resolve_model_dir(path, step)
@@ -161,7 +132,8 @@ def load_model(path: str, step: int | None = None) -> tuple[dict, dict[str, Any]
     raise CheckpointError(f'cannot read the checkpoint in {model_dir}: {type(e).__name__}: {e}') from None
   finally:
     checkpointer.close()
-  metadata = check_metadata(dict(restored['metadata']), where=f'{model_dir}/metadata')
+  metadata = dict(restored['metadata'])
+  check_metadata(metadata, where=f'{model_dir}/metadata')
   tree = restored[item]
   variables = {'params': tree['params']} if item == 'state' else tree
   if 'params' not in variables:

@@ -6,12 +6,11 @@
 Prints NE (and PCK) overall and per category with the number of scored keypoints; `--json` writes
 {"ne": ..., "ne/<category>": ..., "count": ..., ...} (NaN as null). Every annotated image needs exactly
 one prediction of the same category, and every predicted image an annotation: anything else is an
-error naming the image. Exit status 0, or 2 on an error (with nothing written).
+error naming the image. Exit status 0, or 2 on an error (with nothing written; kpjax.cli).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -128,33 +127,41 @@ def _read_table(path: str, what: str) -> dict[str, tuple[str, np.ndarray, np.nda
   return table
 
 
-def evaluate_model(config, checkpoint_path: str, split: str, batch_size: int, flip: bool,
-                   max_images: int, step: int | None) -> tuple[dict, list[str]]:
-  """Runs a checkpoint over `split` of the config's dataset; returns (metrics, image ids not scored)."""
+def evaluate_model(config, checkpoint_path: str, split: str | None = None, batch_size: int | None = None,
+                   flip: bool = False, max_images: int = 0, step: int | None = None) -> tuple[dict, list[str]]:
+  """Runs a checkpoint over `split` (default config.data.eval_split) of the config's dataset, in
+  batches of `batch_size` (default config.eval_batch_size); returns (metrics, image ids not scored).
+
+  The config is validated here (kpjax.config_check) and must describe the checkpoint's model.
+  """
+  from kpjax import config_check  # pylint: disable=g-import-not-at-top
   from kpjax import inference  # pylint: disable=g-import-not-at-top
   from kpjax import metrics  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  model, variables, metadata = inference.load_predictor(checkpoint_path, config, step=step)
+  config_check.check_config(config, training=False)
+  if batch_size is not None and batch_size < 1:
+    raise EvaluationError(f'--batch-size must be at least 1; got {batch_size}')
+  if max_images < 0:
+    raise EvaluationError(f'--max-images must be >= 0 (0 = all); got {max_images}')
+  model, variables, spec = inference.load_predictor(checkpoint_path, config, step=step)
   # A training workdir holds the synthetic data it trained on (config.data.synthetic_dir = '').
   workdir = checkpoint_path if os.path.isdir(os.path.join(checkpoint_path, 'checkpoints')) else None
-  source = pipeline.get_source(config, split, workdir=workdir)
-  batches = pipeline.eval_batches(config, source, batch_size=batch_size, max_images=max_images)
-  predict_fn = inference.make_predict_fn(model, metadata['preprocessing'], int(metadata['input_size']),
-                                         flip=flip, category=metadata['category'])
-  scores, preds = inference.evaluate_batches(predict_fn, variables, batches, metadata['category'],
-                                             metadata['preprocessing'], int(metadata['input_size']))
+  source = pipeline.get_source(config.data, split or config.data.eval_split, workdir=workdir)
+  batches = pipeline.eval_batches(source, spec, config.data, batch_size=batch_size or int(config.eval_batch_size),
+                                  max_images=max_images)
+  predict_fn = inference.make_predict_fn(model, flip=flip, category=spec.category)
+  scores, preds = inference.evaluate_batches(predict_fn, variables, batches, spec)
   _, ok = metrics.normalization_distances(preds['keypoints'], preds['visibility'], preds['category'])
   return scores, [str(i) for i in preds['image_id'][~ok]]
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m kpjax.evaluate', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog='python -m kpjax.evaluate', description=__doc__.split('\n\n')[0])
   files = parser.add_argument_group('score a submission file')
   files.add_argument('--annotations', metavar='GT.csv', help='ground truth in the FashionAI layout')
   files.add_argument('--predictions', metavar='P.csv', help='a submission (kpjax.predict writes one)')
   model = parser.add_argument_group('score a model on a dataset split')
-  model.add_argument('--config', help='configs/X.py; --config.FIELD=VALUE overrides its fields')
+  parser.add_config_flag(required=False)
   model.add_argument('--checkpoint', help='an exported model directory or a training workdir')
   model.add_argument('--split', default=None, help="dataset split (default: the config's data.eval_split)")
   model.add_argument('--batch-size', type=int, default=None, help="default: the config's eval_batch_size")
@@ -162,11 +169,13 @@ def parse_args(argv):
   model.add_argument('--max-images', type=int, default=0, help='score the first N images only (0 = all)')
   model.add_argument('--step', type=int, help='the checkpoint step of a training workdir (default: latest)')
   parser.add_argument('--json', metavar='OUT', help='also write the metrics to this JSON file')
-  args, rest = parser.parse_known_args(argv)
-  overrides = [a[len('--config.'):] for a in rest if a.startswith('--config.')]
-  unknown = [a for a in rest if not a.startswith('--config.')]
-  if unknown:
-    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  return parser
+
+
+def parse_args(argv):
+  """The parsed flags (`args.config` loaded), or exit status 2 with one `error:` line."""
+  parser = _parser()
+  args = cli.parse(parser, argv)
   by_file = args.annotations or args.predictions
   by_model = args.config or args.checkpoint
   if by_file and by_model:
@@ -177,19 +186,14 @@ def parse_args(argv):
     parser.error('scoring a model needs both --config and --checkpoint')
   if not (by_file or by_model):
     parser.error('give --annotations and --predictions, or --config and --checkpoint')
-  if overrides and not args.config:
-    parser.error('--config.FIELD overrides need --config')
-  return args, overrides
+  return args
 
 
-def run(args, overrides) -> int:
+def run(args) -> int:
   if args.annotations:
     scores, skipped = evaluate_files(args.annotations, args.predictions)
   else:
-    from kpjax import inference  # pylint: disable=g-import-not-at-top
-    config = inference.load_config(args.config, overrides)
-    scores, skipped = evaluate_model(config, args.checkpoint, args.split or config.data.eval_split,
-                                     args.batch_size or int(config.eval_batch_size), args.flip,
+    scores, skipped = evaluate_model(args.config, args.checkpoint, args.split, args.batch_size, args.flip,
                                      args.max_images, args.step)
   if scores['count'] == 0:
     raise EvaluationError('nothing to score: no visible keypoint in an image whose normalisation distance is known')
@@ -204,8 +208,7 @@ def run(args, overrides) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args, overrides = parse_args(argv)
-  return cli.run_reporting_errors(run, args, overrides)
+  return cli.run(run, parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """KPDEM's own input and output conventions, reproduced exactly for converted released models.
 
-The original (see DESIGN.md, "The original PyTorch code") read each image with skimage as RGB,
+The original (the published KPDEM training code, keypoints_Net.py and its dataset module) read each image with skimage as RGB,
 resized it to a fixed square with `skimage.transform.resize(image, (size, size))` (floats in [0, 1])
 and divided by 255 once more, so the network saw values in [0, 1/255]. Its training targets were
 keypoint pixel coordinates scaled to the square and divided by its side:

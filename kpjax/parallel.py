@@ -51,13 +51,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-  n = mesh.devices.size
-  if global_batch <= 0 or global_batch % n:
-    raise ValueError(f'batch_size {global_batch} must be a positive multiple of the device count {n} '
-                     '(the global batch is split evenly across devices)')
-
-
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's part of the batch -> global arrays sharded along 'data'."""
   sharding = batch_sharding(mesh)

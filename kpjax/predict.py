@@ -9,12 +9,11 @@ Each image is letterboxed (or resized, for converted KPDEM models) to the model'
 training, run in fixed-size jit-compiled batches, and its keypoints mapped back to the original
 image's pixels. Image ids are paths from the last `Images/` folder on (`Images/skirt/x.jpg`, the
 FashionAI layout), else the paths as found. An unreadable image is reported and skipped; the exit
-status is then 1 (0 when all went well, 2 on a usage error, with no output written).
+status is then 1 (0 when all went well, 2 on a usage error, with no output written; kpjax.cli).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import glob
 import os
@@ -91,33 +90,28 @@ def collect_images(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
   return unique, problems
 
 
-def read_category_csv(path: str) -> dict[str, str]:
-  """{image_id: category} from a CSV whose first two columns are image_id,image_category (test.csv)."""
-  from kpjax.data import csv_io  # pylint: disable=g-import-not-at-top
-  return csv_io.read_categories(path)
-
-
-def _load(item: tuple[str, str, str], input_size: int, preprocessing: str, keep_image: bool):
-  """Reads and prepares one image; returns a dict, or one with 'error' set."""
+def _load(item: tuple[str, str, str], spec, keep_image: bool):
+  """Reads and prepares one image for the model `spec` describes; returns a dict, or one with 'error' set."""
   from kpjax.data import preprocess  # pylint: disable=g-import-not-at-top
   iid, path, category = item
   try:
     with open(path, 'rb') as f:
       data = f.read()
     image = preprocess.decode_image(data, name=path)
-    prepared, affine = preprocess.prepare_for_model(image, input_size, preprocessing)
+    prepared, affine = spec.preprocessing.prepare(image, spec.input_size)
   except (OSError, ValueError) as e:
     return {'image_id': iid, 'path': path, 'error': str(e) if path in str(e) else f'{path}: {e}'}
   return {'image_id': iid, 'path': path, 'category': category, 'input': prepared, 'affine': affine,
           'size': image.shape[:2], 'image': image if keep_image else None}
 
 
-def prepared_batches(items: Sequence[tuple[str, str, str]], batch_size: int, input_size: int,
-                     preprocessing: str, keep_images: bool, workers: int = 8) -> Iterator[list[dict]]:
-  """Lists of up to `batch_size` loaded images (or errors), read by a thread pool one batch ahead."""
+def prepared_batches(items: Sequence[tuple[str, str, str]], batch_size: int, spec, keep_images: bool,
+                     workers: int = 8) -> Iterator[list[dict]]:
+  """Lists of up to `batch_size` images loaded for the model `spec` describes (kpjax.spec.ModelSpec)
+  (or errors), read by a thread pool one batch ahead."""
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     def submit(chunk):
-      return [pool.submit(_load, it, input_size, preprocessing, keep_images) for it in chunk]
+      return [pool.submit(_load, it, spec, keep_images) for it in chunk]
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     ahead = [submit(c) for c in chunks[:2]]
     for k in range(len(chunks)):
@@ -149,9 +143,11 @@ def drawing_path(directory: str, iid: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None):
-  parser = argparse.ArgumentParser(prog='python -m kpjax.predict', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', help='the config the model was trained/converted with (configs/X.py)')
+  """The parsed flags (`args.config` loaded or None), or exit status 2 with one `error:` line."""
+  parser = cli.ArgumentParser(prog='python -m kpjax.predict', description=__doc__.split('\n\n')[0])
+  parser.add_config_flag(required=False, help_text='the config the model was trained/converted with '
+                         '(configs/X.py; optional: the checkpoint describes its model); --config.FIELD=VALUE '
+                         'overrides its fields')
   parser.add_argument('--checkpoint', required=True, help='an exported model directory or a training workdir')
   parser.add_argument('--images', nargs='+', required=True, metavar='PATH',
                       help='image files, folders (searched recursively) or glob patterns')
@@ -165,16 +161,12 @@ def parse_args(argv: Sequence[str] | None):
                       help="image_id,image_category rows (the official test.csv): each image's category for a "
                            "model of category 'all'; a per-category model keeps only its own images")
   parser.add_argument('--step', type=int, help='the checkpoint step of a training workdir (default: latest)')
-  args, rest = parser.parse_known_args(argv)
-  overrides = [a[len('--config.'):] for a in rest if a.startswith('--config.')]
-  unknown = [a for a in rest if not a.startswith('--config.')]
-  if unknown:
-    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  args = cli.parse(parser, argv)
   if args.batch_size < 1:
     parser.error('--batch-size must be at least 1')
   if args.category and args.categories:
     parser.error('pass --category or --categories, not both')
-  return args, overrides
+  return args
 
 
 def assign_categories(items: list[tuple[str, str]], model_category: str, category: str | None,
@@ -185,7 +177,8 @@ def assign_categories(items: list[tuple[str, str]], model_category: str, categor
   with that category (so five models can share one --images folder). An 'all' model needs
   `category` (every image) or the CSV (each image; an image the CSV lacks is an error).
   """
-  table = read_category_csv(categories_csv) if categories_csv else None
+  from kpjax.data import csv_io  # pylint: disable=g-import-not-at-top
+  table = csv_io.read_categories(categories_csv) if categories_csv else None
   if table is not None:
     missing = [i for i, _ in items if i not in table]
     if missing:
@@ -205,34 +198,34 @@ def assign_categories(items: list[tuple[str, str]], model_category: str, categor
                    '--category CAT or --categories test.csv')
 
 
-def run(args, overrides) -> int:
+def run(args) -> int:
+  from kpjax import config_check  # pylint: disable=g-import-not-at-top
   from kpjax import inference  # pylint: disable=g-import-not-at-top  (JAX only once arguments are fine)
   from kpjax import visualize  # pylint: disable=g-import-not-at-top
   from kpjax.data import csv_io  # pylint: disable=g-import-not-at-top
 
-  config = inference.load_config(args.config, overrides) if args.config else None
-  if config is None and overrides:
-    raise UsageError('--config.FIELD overrides need --config')
+  if args.config is not None:
+    config_check.check_config(args.config, training=False)
   items, problems = collect_images(args.images)
   for p in problems:
     print(f'warning: {p}', file=sys.stderr)
   if not items:
     raise UsageError('no images to predict: ' + ('; '.join(problems) if problems else 'none given'))
-  model, variables, metadata = inference.load_predictor(args.checkpoint, config, step=args.step)
-  category, size, mode = metadata['category'], int(metadata['input_size']), metadata['preprocessing']
+  model, variables, spec = inference.load_predictor(args.checkpoint, args.config, step=args.step)
+  category, size = spec.category, spec.input_size
   work, left_out = assign_categories(items, category, args.category, args.categories)
   if left_out:
     print(f'{left_out} images listed with another category than the {category} model\'s are left out',
           file=sys.stderr)
   if not work:
     raise UsageError(f'none of the {len(items)} images is a {category} in {args.categories}')
-  predict_fn = inference.make_predict_fn(model, mode, size, flip=args.flip, category=category)
+  predict_fn = inference.make_predict_fn(model, flip=args.flip, category=category)
 
   rows: list[tuple[str, str, list[str]]] = []
   failed = list(problems)
   batch_size = min(args.batch_size, len(work))
   start = time.perf_counter()
-  for batch in prepared_batches(work, batch_size, size, mode, keep_images=bool(args.draw)):
+  for batch in prepared_batches(work, batch_size, spec, keep_images=bool(args.draw)):
     ok = [b for b in batch if 'error' not in b]
     for b in batch:
       if 'error' in b:
@@ -243,8 +236,7 @@ def run(args, overrides) -> int:
     inputs = np.zeros((batch_size, size, size, 3), np.float32)  # fixed shape: one compilation
     inputs[:len(ok)] = np.stack([b['input'] for b in ok])
     coords = np.asarray(predict_fn(variables, inputs))[:len(ok)]
-    pixels = inference.to_24(inference.to_original(coords, np.stack([b['affine'] for b in ok]), mode, size),
-                             category)
+    pixels = inference.to_24(inference.to_original(coords, np.stack([b['affine'] for b in ok]), spec), category)
     for b, p in zip(ok, pixels):
       h, w = b['size']
       rows.append((b['image_id'], b['category'], submission_cells(p, b['category'], h, w)))
@@ -258,12 +250,11 @@ def run(args, overrides) -> int:
         f'({len(rows) / max(seconds, 1e-9):.1f} images/s, compilation included) -> '
         f'{args.out if rows else "nothing written"}' + (f'; {len(failed)} problems' if failed else ''),
         file=sys.stderr)
-  return 1 if failed else 0
+  return cli.RUN_FAILED if failed else cli.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args, overrides = parse_args(argv)
-  return cli.run_reporting_errors(run, args, overrides)
+  return cli.run(run, parse_args(argv))
 
 
 if __name__ == '__main__':

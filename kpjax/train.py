@@ -6,7 +6,6 @@ orbax (state, data iterator position, metadata) and resumed from DIR by itself.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -14,49 +13,28 @@ import threading
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging as absl_logging
 import jax
 import numpy as np
-from ml_collections import config_flags
 
 from kpjax import checkpoint as ckpt_lib
-from kpjax import keypoints
+from kpjax import cli
+from kpjax import config_check
 from kpjax import parallel
+from kpjax import spec as spec_lib
 from kpjax import train_step as ts
 from kpjax.train_log import MetricWriter, Progress
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and pictures.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
 
-
-class TrainingError(RuntimeError):
+class TrainingError(cli.RunFailed):
   """Training cannot go on (a diverged loss); the message says why and what is kept."""
 
 
-def check_config(config, num_devices: int) -> None:
-  """Raises ValueError with the offending field for configs that cannot train."""
-  keypoints.check_category(config.category)
-  if config.input_size <= 0 or config.input_size % 8:
-    raise ValueError(f'config.input_size must be a positive multiple of 8; got {config.input_size}')
-  if config.batch_size <= 0 or config.batch_size % num_devices:
-    raise ValueError(f'config.batch_size ({config.batch_size}) must be a positive multiple of the device count '
-                     f'({num_devices}): the global batch is split evenly across devices')
-  if config.total_steps <= 0:
-    raise ValueError(f'config.total_steps must be positive; got {config.total_steps}')
-  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
-    if config[field] <= 0:
-      raise ValueError(f'config.{field} must be positive; got {config[field]}')
-  if config.preprocessing not in ('kpjax', 'kpdem'):
-    raise ValueError(f"config.preprocessing must be 'kpjax' or 'kpdem'; got {config.preprocessing!r}")
-  ts.make_optimizer(config)  # raises for an unknown optimizer or schedule
-  ts.build_model(config)  # raises for an unknown compute_dtype
-  if config.remat and not hasattr(jax.checkpoint_policies, config.remat_policy):
-    raise ValueError(f'unknown config.remat_policy {config.remat_policy!r}; expected a jax.checkpoint_policies name')
+def check_devices(config, num_devices: int) -> None:
+  """The one check a config needs the machine for: the global batch splits evenly over the devices."""
+  if config.batch_size % num_devices:
+    raise config_check.ConfigError(
+        f'config.batch_size = {config.batch_size}: expected a multiple of the device count ({num_devices}), '
+        'since the global batch is split evenly across devices')
 
 
 def _checkpoint_manager(workdir: str, config):
@@ -73,14 +51,14 @@ def _checkpoint_manager(workdir: str, config):
                                item_names=('state', 'metadata', 'data'))
 
 
-def _save(manager, step: int, state: ts.TrainState, config, data_state: dict, ne: float | None) -> None:
+def _save(manager, step: int, state: ts.TrainState, metadata: dict, data_state: dict, ne: float | None) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
   if manager.latest_step() == step:
     return
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state.as_dict()),
-      metadata=ocp.args.JsonSave(ckpt_lib.model_metadata(config, step=step)),
+      metadata=ocp.args.JsonSave(dict(metadata, step=step)),
       data=ocp.args.JsonSave({'iterator': pipeline.state_to_json(data_state)})),
       metrics=None if ne is None else {'eval/ne': float(ne)})
   manager.wait_until_finished()
@@ -98,23 +76,14 @@ def _restore(manager, state: ts.TrainState) -> tuple[ts.TrainState, dict | None]
   return ts.TrainState(**restored['state']), pipeline.state_from_json(restored['data']['iterator'])
 
 
-def _init_from(path: str, config, state: ts.TrainState) -> ts.TrainState:
+def _init_from(path: str, spec: spec_lib.ModelSpec, state: ts.TrainState) -> ts.TrainState:
   """Replaces the fresh parameters by those of a converted or exported model (fine-tuning)."""
-  variables, meta = ckpt_lib.load_model(path)
-  want = ckpt_lib.model_metadata(config)
-  for key in ('n_locations', 'width', 'num_stages'):
-    if float(meta[key]) != float(want[key]):
-      raise ValueError(f'init_from {path}: the checkpoint has {key}={meta[key]} but the config gives {want[key]}; '
-                       f'use a config of the same category and model size')
-  if meta['category'] != want['category']:
-    raise ValueError(f'init_from {path}: the checkpoint is a {meta["category"]} model but the config trains '
-                     f'{want["category"]}')
-  if meta['preprocessing'] != config.preprocessing:
-    print(f'note: {path} was trained with preprocessing={meta["preprocessing"]!r}, this run uses '
-          f'{config.preprocessing!r}; the first steps will adapt the model to the new input conventions')
-  fresh = jax.tree_util.tree_structure(state.params)
-  if jax.tree_util.tree_structure(variables['params']) != fresh:
-    raise ValueError(f'init_from {path}: its parameter tree differs from this model\'s')
+  variables, metadata = ckpt_lib.load_model(path)
+  found = ckpt_lib.check_metadata(metadata)
+  spec.check_matches(found, spec_lib.NETWORK_FIELDS, theirs=f'init_from {path}')
+  if found.preprocessing != spec.preprocessing:
+    print(f'note: {path} was trained with preprocessing={found.preprocessing.name!r}, this run uses '
+          f'{spec.preprocessing.name!r}; the first steps will adapt the model to the new input conventions')
   return state.replace(params=jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), variables['params']))
 
 
@@ -130,8 +99,10 @@ class _StopRequest:
 
   def __init__(self, num_processes: int):
     self.multi = num_processes > 1
+    # Without JAX's preemption service (jax_enable_preemption_service off), SIGTERM is shared like Ctrl-C.
+    self.preemption_service = self.multi and bool(jax.config.jax_enable_preemption_service)
     self.signal: int | None = None
-    signals = (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM)
+    signals = (signal.SIGINT,) if self.preemption_service else (signal.SIGINT, signal.SIGTERM)
     self._previous = {}
     if threading.current_thread() is threading.main_thread():  # handlers can only be set there
       self._previous = {s: signal.signal(s, self._handle) for s in signals}
@@ -147,11 +118,7 @@ class _StopRequest:
     if not self.multi:
       return self.signal is not None
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    try:
-      preempted = multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service)
-      preempted = False
-    if preempted:
+    if self.preemption_service and multihost_utils.reached_preemption_sync_point(step):
       self.signal = self.signal or signal.SIGTERM
       return True
     if share and np.any(multihost_utils.process_allgather(np.int32(self.signal is not None))):
@@ -165,16 +132,14 @@ class _StopRequest:
     self._previous = {}
 
 
-def _evaluate(config, model, params, eval_source, step: int, workdir: str, writer: MetricWriter,
-              predict_fn) -> float:
+def _evaluate(config, spec: spec_lib.ModelSpec, params, eval_source, step: int, workdir: str,
+              writer: MetricWriter, predict_fn) -> float:
   from kpjax import inference  # pylint: disable=g-import-not-at-top
   from kpjax import visualize  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
-  del model
-  batches = pipeline.eval_batches(config, eval_source, batch_size=int(config.eval_batch_size),
+  batches = pipeline.eval_batches(eval_source, spec, config.data, batch_size=int(config.eval_batch_size),
                                   max_images=int(config.data.num_eval_images))
-  scores, preds = inference.evaluate_batches(predict_fn, {'params': params}, batches, config.category,
-                                             config.preprocessing, int(config.input_size))
+  scores, preds = inference.evaluate_batches(predict_fn, {'params': params}, batches, spec)
   record = {f'eval/{k}': float(v) for k, v in scores.items()
             if isinstance(v, (int, float, np.floating, np.integer)) and (k == 'ne' or k.startswith(('ne/', 'pck')))}
   writer.write(step, record)
@@ -198,50 +163,56 @@ def _evaluate(config, model, params, eval_source, step: int, workdir: str, write
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint, and returns a summary.
 
+  The config is validated here (kpjax.config_check), once; what follows gets its parts.
   Returns {'step': the last step trained, 'eval/ne': the last validation NE (None if this call
   evaluated nothing), 'stopped_by': the signal number that stopped the run early, or None}.
-  Raises TrainingError on a non-finite loss, ValueError (and subclasses: DatasetNotFoundError,
-  CheckpointError) for configs, data or checkpoints that cannot be used.
+  Raises TrainingError on a non-finite loss, ValueError (and subclasses: ConfigError,
+  DatasetNotFoundError, CheckpointError, SpecMismatch) for configs, data or checkpoints that cannot be used.
   """
   from kpjax import inference  # pylint: disable=g-import-not-at-top
   from kpjax import visualize  # pylint: disable=g-import-not-at-top
+  from kpjax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
 
+  config_check.check_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   mesh = parallel.make_mesh()
-  check_config(config, mesh.devices.size)
+  check_devices(config, mesh.devices.size)
+  spec = spec_lib.ModelSpec.from_config(config)
   process, num_processes = jax.process_index(), jax.process_count()
   print(f'devices: {jax.device_count()}, processes: {num_processes} ({jax.devices()[0].platform}); '
         f'workdir: {workdir}', flush=True)
-  os.makedirs(workdir, exist_ok=True)
-
-  train_source = pipeline.get_source(config, config.data.train_split, workdir)
-  eval_source = pipeline.get_source(config, config.data.eval_split, workdir)
+  train_source = pipeline.get_source(config.data, config.data.train_split, workdir)
+  eval_source = pipeline.get_source(config.data, config.data.eval_split, workdir)
+  os.makedirs(workdir, exist_ok=True)  # only once the data is there: a run that cannot start writes nothing
   model = ts.build_model(config)
-  optimizer = ts.make_optimizer(config)
-  state = ts.create_train_state(config, jax.random.key(int(config.seed)), model, optimizer)
+  schedule = ts.make_schedule(config)
+  optimizer = ts.make_optimizer(config, schedule)
+  state = ts.create_train_state(model, optimizer, jax.random.key(int(config.seed)), spec.input_size)
   manager = _checkpoint_manager(workdir, config)
   state, data_state = _restore(manager, state)
   start = int(state.step)
   if start == 0 and config.init_from:
-    state = _init_from(config.init_from, config, state)
+    state = _init_from(config.init_from, spec, state)
     state = state.replace(opt_state=optimizer.init(state.params))
-  train_iter = pipeline.train_iterator(config, train_source, seed=int(config.seed), shard_index=process,
-                                       shard_count=num_processes)
+  train_iter = pipeline.train_iterator(
+      train_source, spec, config.data, global_batch_size=int(config.batch_size),
+      augment=augment_lib.AugmentConfig.from_config(config.augment), seed=int(config.seed),
+      process_index=process, process_count=num_processes)
   if data_state is not None:
     train_iter.set_state(data_state)
     print(f'resumed from step {start} in {manager.directory}', flush=True)
   state = parallel.replicate(jax.device_get(state), mesh)
-  step_fn = ts.make_train_step(model, config, mesh, optimizer)
-  eval_model = model.clone(remat=False)
-  predict_fn = inference.make_predict_fn(eval_model, config.preprocessing, int(config.input_size))
+  step_fn = ts.make_train_step(model, optimizer, schedule, sigma_t=float(config.sigma_t),
+                               js_weight=float(config.js_weight), mesh=mesh)
+  predict_fn = inference.make_predict_fn(model.clone(remat=False))
+  metadata = spec.metadata()
 
   def evaluate(step: int) -> float:
-    return _evaluate(config, eval_model, jax.device_get(state.params), eval_source, step, workdir, writer,
-                     predict_fn)
+    return _evaluate(config, spec, jax.device_get(state.params), eval_source, step, workdir, writer, predict_fn)
 
   total = int(config.total_steps)
-  end = min(total, int(config.get('stop_at_step', 0)) or total)
+  end = min(total, int(config.stop_at_step) or total)
   writer = MetricWriter(workdir, enabled=process == 0, resume_step=start)
   progress = Progress(total, start, enabled=process == 0)
   stop = _StopRequest(num_processes)
@@ -276,7 +247,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         last_ne = evaluate(step)
         progress.note(f'step {step}: eval/ne {last_ne:.4f}')
       if save:
-        _save(manager, step, state, config, train_iter.get_state(), last_ne if eval_now else None)
+        _save(manager, step, state, metadata, train_iter.get_state(), last_ne if eval_now else None)
       window.exclude(time.perf_counter() - paused)  # images/s counts training time only
       if stopping:
         progress.note(f'stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved '
@@ -334,37 +305,36 @@ class _TrainWindow:
     return record
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  if _WORKDIR.value is None:
-    _fail('--workdir is required (the directory for checkpoints and metrics)')
-  from kpjax.data.pipeline import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+def _train(args) -> int:
+  parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (DatasetNotFoundError, ckpt_lib.CheckpointError, ValueError, TrainingError) as e:
-    _fail(str(e))
-  except KeyboardInterrupt:
-    _fail('interrupted before a checkpoint could be saved; the last saved checkpoint is kept', 130)
+    result = train_and_evaluate(args.config, args.workdir)
+  except KeyboardInterrupt:  # a second Ctrl-C: gave up without saving
+    print('error: interrupted before a checkpoint could be saved; the last saved checkpoint is kept',
+          file=sys.stderr, flush=True)
+    return cli.INTERRUPTED
   ne = result['eval/ne']
   summary = f'step {result["step"]}' + (f', eval/ne {ne:.4f}' if ne is not None else '')
   if result['stopped_by'] is not None:  # the conventional status of a process ended by a signal
     print(f'stopped: {summary}', flush=True)
-    sys.exit(128 + int(result['stopped_by']))
+    return 128 + int(result['stopped_by'])
   print(f'done: {summary}', flush=True)
+  return cli.OK
 
 
-def _fail(message: str, status: int = 1) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(status)
-
-
-def run() -> None:
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+def main(argv=None) -> int:
+  """`python -m kpjax.train --config configs/X.py --workdir DIR [--config.FIELD=VALUE ...]`."""
+  parser = cli.ArgumentParser(prog='python -m kpjax.train', description=__doc__.split('\n\n')[0])
+  parser.add_config_flag(help_text='the training config, e.g. configs/trousers.py; --config.FIELD=VALUE '
+                         'overrides its fields (e.g. --config.batch_size=8)')
+  parser.add_argument('--workdir', required=True, help='directory for checkpoints, metrics and pictures '
+                      '(rerunning the same command resumes from it)')
+  parser.add_argument('--coordinator_address', help='host:port of process 0 (multi-process runs where the '
+                      'cluster is not detected: SLURM, Open MPI and TPU pods are)')
+  parser.add_argument('--num_processes', type=int, help='number of processes (with --coordinator_address)')
+  parser.add_argument('--process_id', type=int, help='this process index (with --coordinator_address)')
+  return cli.run(_train, cli.parse(parser, argv))
 
 
 if __name__ == '__main__':
-  run()
+  sys.exit(main())

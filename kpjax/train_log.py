@@ -24,11 +24,8 @@ class MetricWriter:
       return
     if resume_step is not None and os.path.exists(self.path):
       self._truncate_after(resume_step)
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    except ImportError:
-      self._tb = None
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (a dependency: no silent fallback)
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def _truncate_after(self, step: int) -> None:
     kept = []

@@ -13,41 +13,32 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kpjax import keypoints
 from kpjax import losses
 from kpjax import xla_options
 from kpjax.model import CoordRegressionNetwork, init_variables
-
-OPTIMIZERS = ('adam', 'rmsprop')
-SCHEDULES = ('cosine', 'step', 'constant')
-COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+from kpjax.spec import ModelSpec
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Everything a resumed run needs besides the data iterator: step, params, opt_state, rng (key data)."""
+  """Everything a resumed run needs besides the data iterator: step, params, opt_state."""
   step: jax.Array
   params: Any
   opt_state: Any
-  rng: jax.Array
 
   def as_dict(self) -> dict[str, Any]:
-    return {'step': self.step, 'params': self.params, 'opt_state': self.opt_state, 'rng': self.rng}
+    return {'step': self.step, 'params': self.params, 'opt_state': self.opt_state}
 
 
 def build_model(config) -> CoordRegressionNetwork:
-  """The network a config describes (n_locations from its category)."""
-  if config.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f'unknown compute_dtype {config.compute_dtype!r}; expected one of {", ".join(COMPUTE_DTYPES)}')
-  return CoordRegressionNetwork(
-      n_locations=keypoints.num_keypoints(config.category), width=float(config.model.width),
-      num_stages=int(config.model.num_stages), dtype=jnp.dtype(config.compute_dtype), remat=bool(config.remat),
-      remat_policy=config.remat_policy)
+  """The network a (validated, kpjax.config_check) config trains: its ModelSpec with the config's
+  compute dtype, remat and convolution algorithm ('' = the preprocessing mode's default)."""
+  kwargs = {'conv_algorithm': config.model.conv_algorithm} if config.model.conv_algorithm else {}
+  return ModelSpec.from_config(config).build(dtype=jnp.dtype(config.compute_dtype), remat=bool(config.remat),
+                                             remat_policy=config.remat_policy, **kwargs)
 
 
 def make_schedule(config) -> optax.Schedule:
   """Learning rate per step: linear warmup to config.learning_rate, then cosine / step decay / constant."""
-  if config.schedule not in SCHEDULES:
-    raise ValueError(f'unknown schedule {config.schedule!r}; expected one of {", ".join(SCHEDULES)}')
   peak, warmup, total = float(config.learning_rate), int(config.warmup_steps), int(config.total_steps)
   warmup = min(warmup, max(total - 1, 0))
   if config.schedule == 'cosine':  # to 0 at total_steps
@@ -65,11 +56,8 @@ def make_schedule(config) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Gradient clipping by global norm, then Adam(W) or RMSprop on `make_schedule(config)`."""
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f'unknown optimizer {config.optimizer!r}; expected one of {", ".join(OPTIMIZERS)}')
-  schedule = make_schedule(config)
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Gradient clipping by global norm, then Adam(W) or RMSprop on `schedule` (make_schedule(config))."""
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
@@ -83,16 +71,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def create_train_state(config, rng: jax.Array, model: CoordRegressionNetwork,
-                       optimizer: optax.GradientTransformation | None = None) -> TrainState:
+def create_train_state(model: CoordRegressionNetwork, optimizer: optax.GradientTransformation, rng: jax.Array,
+                       input_size: int) -> TrainState:
   """Fresh parameters (initialised from `rng`) and optimiser state at step 0."""
-  init_rng, state_rng = jax.random.split(rng)
   # One compiled initialisation: run eagerly, every initialiser and layer would compile on its own
   # (about a minute on a 2-core CPU instead of a few seconds).
-  params = jax.jit(lambda r: init_variables(model, r, int(config.input_size))['params'])(init_rng)
-  optimizer = optimizer or make_optimizer(config)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    rng=jax.random.key_data(state_rng))
+  init_rng, _ = jax.random.split(rng)  # (the second key once seeded a state rng; kept so that seeds keep their init)
+  params = jax.jit(lambda r: init_variables(model, r, input_size)['params'])(init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
 def loss_fn(params, model: CoordRegressionNetwork, batch: dict[str, jax.Array], sigma_t: float, js_weight: float):
@@ -101,10 +87,14 @@ def loss_fn(params, model: CoordRegressionNetwork, batch: dict[str, jax.Array], 
   return losses.keypoint_loss(coords, heatmaps, batch['target'], batch['mask'], sigma_t=sigma_t, js_weight=js_weight)
 
 
-def make_train_step(model: CoordRegressionNetwork, config, mesh: jax.sharding.Mesh | None = None,
-                    optimizer: optax.GradientTransformation | None = None
+def make_train_step(model: CoordRegressionNetwork, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, sigma_t: float, js_weight: float,
+                    mesh: jax.sharding.Mesh | None = None
                     ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted `step(state, batch) -> (state, metrics)`.
+
+  optimizer, schedule: from make_optimizer / make_schedule (the schedule only reports the step's
+  learning rate); sigma_t, js_weight: the loss's (kpjax.losses.keypoint_loss).
 
   batch: {'image' (B, S, S, 3) f32, 'target' (B, L, 2), 'mask' (B, L)}, B the global batch. With a
   mesh, batch arrays are sharded along its 'data' axis and the state replicated: XLA then splits
@@ -114,9 +104,7 @@ def make_train_step(model: CoordRegressionNetwork, config, mesh: jax.sharding.Me
 
   metrics: 'loss', 'euclidean', 'js', 'grad_norm', 'lr', 'finite' (scalars, replicated).
   """
-  optimizer = optimizer or make_optimizer(config)
-  schedule = make_schedule(config)
-  sigma_t, js_weight = float(config.sigma_t), float(config.js_weight)
+  sigma_t, js_weight = float(sigma_t), float(js_weight)
 
   def step(state: TrainState, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -1,6 +1,5 @@
 """kpjax.data.augment: flips swap twins, keypoints move exactly with the pixels, colour jitter spares padding."""
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -127,13 +126,17 @@ def test_color_jitter_changes_the_image_but_not_the_padding():
   np.testing.assert_array_equal(augment.color_jitter(warped, np.random.default_rng(3), 0.0), warped)
 
 
-def test_augment_config_from_config_checks_ranges():
-  base = ml_collections.ConfigDict(dict(scale=(0.75, 1.25), rotation_deg=20.0, translate=0.1, flip=True,
-                                        color_jitter=0.2))
-  cfg = augment.AugmentConfig.from_config(base)
+def test_augment_config_from_config_and_range_checks():
+  from kpjax import config_check  # pylint: disable=g-import-not-at-top
+  from kpjax.configs import base as base_config  # pylint: disable=g-import-not-at-top
+  config = base_config.get_config()
+  config.augment.update(dict(scale=(0.75, 1.25), rotation_deg=20.0, translate=0.1, flip=True, color_jitter=0.2))
+  cfg = augment.AugmentConfig.from_config(config.augment)
   assert cfg.scale == (0.75, 1.25) and cfg.flip
+  config.augment.enabled = False
+  assert augment.AugmentConfig.from_config(config.augment) is None
   for field, bad in (('scale', (1.2, 0.8)), ('rotation_deg', -1.0), ('color_jitter', 1.5)):
-    broken = ml_collections.ConfigDict(base.to_dict())
-    broken[field] = bad
+    broken = base_config.get_config()
+    broken.augment[field] = bad
     with pytest.raises(ValueError, match=field):
-      augment.AugmentConfig.from_config(broken)
+      config_check.check_config(broken)

@@ -236,11 +236,12 @@ def test_cli_and_no_tensorflow(small_raw, tmp_path):
   assert res.returncode == 0, res.stderr
   out = json.loads(res.stdout.strip().splitlines()[-1])
   assert out['tf'] is False and out['n'] > 0 and out['h'] >= synthetic.MIN_SIDE
-  # A bad image: exit 1, one clear message, no traceback, nothing written; --skip-bad lists and counts.
+  # A bad image: exit 2 (a user's data), one clear message, no traceback, nothing written; --skip-bad lists and counts.
   image_id, expect = _break(root, 'corrupt image')
   bad_dir = str(tmp_path / 'tfds3')
   res = _run(['-m', 'kpjax.data.build', '--manual-dir', root, '--data-dir', bad_dir])
-  assert res.returncode == 1 and res.stderr.startswith('error: ') and 'Traceback' not in res.stderr
+  assert res.returncode == 2 and res.stderr.startswith('error: ') and 'Traceback' not in res.stderr
+  assert len(res.stderr.strip().splitlines()) == 1, res.stderr
   assert image_id in res.stderr and expect in res.stderr and '--skip-bad' in res.stderr
   assert not os.path.exists(bad_dir) or os.listdir(bad_dir) == []
   res = _run(['-m', 'kpjax.data.build', '--manual-dir', root, '--data-dir', bad_dir, '--skip-bad'])

@@ -119,17 +119,17 @@ def test_cli_process(tmp_path):
 
 def test_evaluate_batches_scores_a_model_that_finds_the_keypoints(tmp_path):
   """The colour-blob checkpoint of test_predict over hand-made eval batches: NE is tiny, padding ignored."""
+  import dataclasses
   from kpjax import inference
-  from kpjax.data import preprocess
   import test_predict as tp
 
   net_vars = tp.colour_detector_variables((0, 1, 2, 0))
   ckpt = tp._save(tmp_path, 'blob', net_vars, 'skirt')
-  model, variables, meta = inference.load_predictor(ckpt)
-  batches, want_ne = [], []
+  model, variables, spec = inference.load_predictor(ckpt)
+  batches = []
   for h, w, centres in tp.BLOB_CASES[:3]:
     image = tp.blob_image(h, w, centres, sigma=max(h, w) / tp.SIZE * 1.5)
-    x, affine = preprocess.prepare_for_model(image, tp.SIZE, 'kpjax')
+    x, affine = spec.preprocessing.prepare(image, tp.SIZE)
     gt = np.zeros((24, 2))
     gt[kp.keypoint_indices('skirt')] = [centres[0], centres[1], centres[2], centres[0]]
     vis = np.where(kp.category_mask('skirt'), 1, -1)
@@ -138,19 +138,18 @@ def test_evaluate_batches_scores_a_model_that_finds_the_keypoints(tmp_path):
   # Batches of two, the last padded with a copy marked invalid.
   padded = batches + [dict(batches[0], valid=False, image_id='pad')]
   stacked = [{k: np.stack([b[k] for b in padded[i:i + 2]]) for k in padded[0]} for i in (0, 2)]
-  predict_fn = inference.make_predict_fn(model, 'kpjax', tp.SIZE)
-  scores, preds = inference.evaluate_batches(predict_fn, variables, stacked, 'skirt', 'kpjax', tp.SIZE)
+  predict_fn = inference.make_predict_fn(model)
+  scores, preds = inference.evaluate_batches(predict_fn, variables, stacked, spec)
   assert list(preds['image_id']) == ['img0', 'img1', 'img2']
   assert preds['pred'].shape == (3, 24, 2) and np.isnan(preds['pred'][:, ~kp.category_mask('skirt')]).all()
   # Normalised by the waistband (red-green distance): errors under one input pixel are a few percent.
   assert scores['count'] == 12 and scores['ne'] < 0.05 and scores['pck@0.1'] == 1.0
-  direct = inference.to_original(predict_fn(variables, stacked[0]['image'])[:2], stacked[0]['affine'][:2],
-                                 'kpjax', tp.SIZE)
+  direct = inference.to_original(predict_fn(variables, stacked[0]['image'])[:2], stacked[0]['affine'][:2], spec)
   np.testing.assert_array_equal(preds['pred'][:2, kp.keypoint_indices('skirt')], direct)
   with pytest.raises(ValueError, match='a blouse model cannot score image img0 of category skirt'):
     blouse = tp.model_lib.CoordRegressionNetwork(13, width=0.125, num_stages=1)
-    inference.evaluate_batches(inference.make_predict_fn(blouse, 'kpjax', tp.SIZE), tp._init(blouse, 0), stacked,
-                               'blouse', 'kpjax', tp.SIZE)
+    inference.evaluate_batches(inference.make_predict_fn(blouse), tp._init(blouse, 0), stacked,
+                               dataclasses.replace(spec, category='blouse'))
 
 
 def test_scores_a_model_on_a_dataset_split(tmp_path, monkeypatch, capsys):
@@ -173,7 +172,7 @@ def test_scores_a_model_on_a_dataset_split(tmp_path, monkeypatch, capsys):
   records.append(dict(records[0], image_id='Images/trousers/t.png', category=kp.category_index('trousers')))
   seen = {}
 
-  def get_source(config, split, workdir=None):
+  def get_source(data, split, workdir=None):
     seen['split'] = split
     return pipeline.RecordSource(records, split)
 
@@ -181,7 +180,7 @@ def test_scores_a_model_on_a_dataset_split(tmp_path, monkeypatch, capsys):
   ckpt = tp._save(tmp_path, 'blob', tp.colour_detector_variables((0, 1, 2, 0)), 'skirt')
   out = tmp_path / 'ne.json'
   argv = ['--config', os.path.join(ROOT, 'configs/skirt.py'), f'--config.input_size={tp.SIZE}',
-          '--checkpoint', ckpt, '--split', 'validation', '--batch-size', '2', '--json', str(out)]
+          *tp.SLIM, '--checkpoint', ckpt, '--split', 'validation', '--batch-size', '2', '--json', str(out)]
   assert evaluate.main(argv) == 0, capsys.readouterr().err
   m = json.loads(out.read_text())
   assert seen['split'] == 'validation'
@@ -190,5 +189,5 @@ def test_scores_a_model_on_a_dataset_split(tmp_path, monkeypatch, capsys):
   assert evaluate.main(argv[:-2] + ['--flip']) == 0
   assert 'overall' in capsys.readouterr().out
   # A config that disagrees with the checkpoint is an error, not a different model.
-  assert evaluate.main(argv[:2] + ['--checkpoint', ckpt]) == 2
+  assert evaluate.main(argv[:2] + tp.SLIM + ['--checkpoint', ckpt]) == 2
   assert 'input_size' in capsys.readouterr().err

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
+import train_fixture as fx
 from kpjax import keypoints
 from kpjax import train_step as ts
+from kpjax.configs import base
 
 SIZE, BATCH, STEPS = 32, 4, 40
 
@@ -62,8 +63,7 @@ def trained():
   config = _config()
   model = ts.build_model(config)
   batch = _batch(keypoints.num_keypoints(config.category))
-  state = ts.create_train_state(config, jax.random.key(0), model)
-  step = ts.make_train_step(model, config)
+  step, state = fx.step_and_state(config)
   losses = []
   for _ in range(STEPS):
     before = jax.tree_util.tree_map(jnp.array, state)  # the step donates its input
@@ -106,7 +106,8 @@ def test_bfloat16_training_step_keeps_float32_state(trained):
   config16 = _config('bfloat16')
   model16 = ts.build_model(config16)
   assert model16.dtype == jnp.bfloat16
-  new_state, metrics16 = ts.make_train_step(model16, config16)(before, batch)  # the last step, in bf16
+  step16, _ = fx.step_and_state(config16)
+  new_state, metrics16 = step16(before, batch)  # the last step, in bf16
   assert _all_float32(new_state.params) and _all_float32(new_state.opt_state)
   assert bool(metrics16['finite'])
   assert metrics16['loss'].dtype == jnp.float32

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import base
+import train_fixture as fx
+from kpjax import config_check
 from kpjax import keypoints as kp
+from kpjax.configs import base
+from kpjax.data import modes
 from kpjax.data import pipeline
 from kpjax.data import preprocess
+from kpjax.spec import ModelSpec
 
 SIZE = 64
 NUM_RECORDS = 30
@@ -86,7 +90,7 @@ def _assert_batches_equal(a, b):
 @pytest.mark.parametrize('category', ['all', 'blouse', 'trousers'])
 def test_train_batch_shapes_and_ranges(source, category):
   config = _config(category)
-  batch = next(pipeline.train_iterator(config, source, seed=0))
+  batch = next(fx.train_batches(config, source, seed=0))
   n = kp.num_keypoints(category)
   assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
   assert batch['target'].shape == (4, n, 2) and batch['target'].dtype == np.float32
@@ -98,29 +102,29 @@ def test_train_batch_shapes_and_ranges(source, category):
 
 def test_same_seed_same_batches_and_other_seed_differs(source):
   config = _config()
-  a = _take(pipeline.train_iterator(config, source, seed=3), 4)
-  b = _take(pipeline.train_iterator(config, source, seed=3), 4)
-  c = _take(pipeline.train_iterator(config, source, seed=4), 4)
+  a = _take(fx.train_batches(config, source, seed=3), 4)
+  b = _take(fx.train_batches(config, source, seed=3), 4)
+  c = _take(fx.train_batches(config, source, seed=4), 4)
   _assert_batches_equal(a, b)
   assert not np.array_equal(a[0]['image'], c[0]['image'])
 
 
 def test_resume_from_state_gives_the_following_batches(source):
   config = _config()
-  it = pipeline.train_iterator(config, source, seed=1)
+  it = fx.train_batches(config, source, seed=1)
   _take(it, 3)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
   expected = _take(it, 5)  # crosses the epoch boundary (30 records / 4 per batch)
-  fresh = pipeline.train_iterator(config, source, seed=1)
+  fresh = fx.train_batches(config, source, seed=1)
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 5), expected)
 
 
 def test_resume_with_worker_processes_and_a_changed_worker_count(source):
-  reference = _take(pipeline.train_iterator(_config(augment=False), source, seed=2), 6)
+  reference = _take(fx.train_batches(_config(augment=False), source, seed=2), 6)
   config = _config(augment=False)
   config.data.worker_count = 2
-  it = pipeline.train_iterator(config, source, seed=2)
+  it = fx.train_batches(config, source, seed=2)
   try:
     states = [it.get_state()]
     first = []
@@ -133,18 +137,18 @@ def test_resume_with_worker_processes_and_a_changed_worker_count(source):
   for k, state in enumerate(states):  # the state we rebuild for a changed worker_count is grain's
     assert state['batches'] == k and state['worker_count'] == 2
     assert pipeline._grain_state(k, 2) == state['grain']  # pylint: disable=protected-access
-  fresh = pipeline.train_iterator(config, source, seed=2)  # same worker count: grain's own state
+  fresh = fx.train_batches(config, source, seed=2)  # same worker count: grain's own state
   try:
     fresh.set_state(states[2])
     _assert_batches_equal(_take(fresh, 2), reference[2:4])
   finally:
     fresh.close()
-  single = pipeline.train_iterator(_config(augment=False), source, seed=2)  # 2 workers -> in-process
+  single = fx.train_batches(_config(augment=False), source, seed=2)  # 2 workers -> in-process
   single.set_state(states[3])
   _assert_batches_equal(_take(single, 2), reference[3:5])
   assert single.get_state()['batches'] == 5
   config.data.worker_count = 1  # in-process -> 1 worker
-  one = pipeline.train_iterator(config, source, seed=2)
+  one = fx.train_batches(config, source, seed=2)
   try:
     one.set_state(single.get_state())
     _assert_batches_equal(_take(one, 1), reference[5:6])
@@ -156,29 +160,48 @@ def test_resume_with_worker_processes_and_a_changed_worker_count(source):
 
 def test_epochs_are_reshuffled_permutations(source):
   config = _config(batch_size=5, augment=False)
-  ids = np.concatenate([_record_ids(b) for b in _take(pipeline.train_iterator(config, source, seed=0), 12)])
+  ids = np.concatenate([_record_ids(b) for b in _take(fx.train_batches(config, source, seed=0), 12)])
   first, second = ids[:NUM_RECORDS], ids[NUM_RECORDS:]
   assert sorted(first) == list(range(NUM_RECORDS)) and sorted(second) == list(range(NUM_RECORDS))
   assert not np.array_equal(first, second)
 
 
-def test_shards_are_disjoint_and_cover_the_data(source):
-  config = _config(batch_size=6, augment=False)  # 3 shards of 2 per batch; each shard has 10 records
+def test_processes_load_their_rows_of_the_global_batch(source):
+  config = _config(batch_size=6, augment=True)  # 3 processes of 2 rows each
+  config.augment.color_jitter = 0.0  # keeps _record_ids' grey levels
+  whole = _take(fx.train_batches(config, source, seed=0), 6)
   seen = []
-  for shard in range(3):
-    batches = _take(pipeline.train_iterator(config, source, seed=0, shard_index=shard, shard_count=3), 5)
+  for process in range(3):
+    batches = _take(fx.train_batches(config, source, seed=0, process_index=process, process_count=3), 6)
     assert all(b['image'].shape[0] == 2 for b in batches)
-    seen.append(set(np.concatenate([_record_ids(b) for b in batches])))
-    assert len(seen[-1]) == 10
-  assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
-  assert set.union(*seen) == set(range(NUM_RECORDS))
+    rows = slice(2 * process, 2 * process + 2)
+    _assert_batches_equal(batches, [{k: v[rows] for k, v in b.items()} for b in whole])  # augmentation too
+    seen.append(np.concatenate([_record_ids(b) for b in batches[:5]]))  # the first epoch: 5 steps of 6
+  epoch = np.concatenate(seen)
+  assert sorted(epoch) == list(range(NUM_RECORDS))  # disjoint rows that cover the data
   with pytest.raises(ValueError, match='multiple'):
-    pipeline.train_iterator(_config(batch_size=5), source, seed=0, shard_count=2)
+    fx.train_batches(_config(batch_size=5), source, seed=0, process_count=2)
+
+
+def test_a_resumed_stream_may_change_its_number_of_processes(source):
+  config = _config(batch_size=4)
+  whole = _take(fx.train_batches(config, source, seed=5), 5)
+  one = fx.train_batches(config, source, seed=5)
+  _take(one, 2)
+  state = json.loads(json.dumps(one.get_state()))
+  halves = []
+  for process in range(2):  # resumed by 2 processes: each continues with its half of step 3, 4, 5
+    it = fx.train_batches(config, source, seed=5, process_index=process, process_count=2)
+    it.set_state(state)
+    halves.append(_take(it, 3))
+  for k in range(3):
+    joined = {key: np.concatenate([halves[0][k][key], halves[1][k][key]]) for key in whole[0]}
+    _assert_batches_equal([joined], [whole[2 + k]])
 
 
 def test_category_filter_reads_no_image(source):
   config = _config('skirt', batch_size=3, augment=False)
-  ids = np.concatenate([_record_ids(b) for b in _take(pipeline.train_iterator(config, source, seed=0), 4)])
+  ids = np.concatenate([_record_ids(b) for b in _take(fx.train_batches(config, source, seed=0), 4)])
   skirt = kp.category_index('skirt')
   assert set(ids) == {i for i in range(NUM_RECORDS) if i % 5 == skirt}
   broken = make_records(10)
@@ -191,7 +214,7 @@ def test_category_filter_reads_no_image(source):
 def test_masks_of_absent_and_pushed_out_keypoints(source):
   # No augmentation: mask is exactly v >= 0 (every annotated point lies inside the letterboxed input).
   config = _config(augment=False, batch_size=NUM_RECORDS)
-  batch = next(pipeline.train_iterator(config, source, seed=0))
+  batch = next(fx.train_batches(config, source, seed=0))
   ids = _record_ids(batch)
   records = make_records()
   visibility = np.stack([records[i]['visibility'] for i in ids])
@@ -199,8 +222,8 @@ def test_masks_of_absent_and_pushed_out_keypoints(source):
   # Targets are the letterboxed keypoints in dsntnn coordinates.
   for row, i in enumerate(ids):
     affine = preprocess.letterbox_affine(records[i]['height'], records[i]['width'], SIZE)
-    expected = preprocess.input_pixels_to_coords(preprocess.apply_affine(records[i]['keypoints'], affine), SIZE,
-                                                 'kpjax')
+    expected = modes.get('kpjax').input_pixels_to_coords(preprocess.apply_affine(records[i]['keypoints'], affine),
+                                                         SIZE)
     keep = visibility[row] >= 0
     np.testing.assert_allclose(batch['target'][row][keep], expected[keep], atol=1e-6)
   # Strong zoom and shifts push annotated keypoints out: those are masked and their targets 0.
@@ -208,7 +231,7 @@ def test_masks_of_absent_and_pushed_out_keypoints(source):
   config.augment.scale = (2.0, 2.5)
   config.augment.translate = 0.3
   config.augment.color_jitter = 0.0  # keeps _record_ids' grey levels
-  batch = next(pipeline.train_iterator(config, source, seed=0))
+  batch = next(fx.train_batches(config, source, seed=0))
   # Augmentation may flip the image and swap twins; a pair's visibilities agree in at most its order.
   annotated = np.stack([np.sort(records[i]['visibility'] >= 0) for i in _record_ids(batch)])
   assert batch['mask'].sum() < annotated.sum()  # some annotated points left the input
@@ -228,8 +251,8 @@ def test_train_targets_land_on_the_drawn_dot():
             'height': height, 'width': width}
   config = _config('dress')
   config.augment.color_jitter = 0.0
-  transform = pipeline.TrainTransform('dress', SIZE, 'kpjax', pipeline.augment_lib.AugmentConfig.from_config(
-      config.augment))
+  transform = pipeline.TrainTransform(ModelSpec.from_config(config),
+                                      pipeline.augment_lib.AugmentConfig.from_config(config.augment))
   blank = dict(record, image=_png(np.zeros_like(image)))
   checked = 0
   for seed in range(12):
@@ -237,7 +260,7 @@ def test_train_targets_land_on_the_drawn_dot():
     ref = transform.random_map(blank, np.random.default_rng(seed))
     if out['mask'].min() == 0:
       continue
-    pixels = preprocess.coords_to_input_pixels(out['target'], SIZE, 'kpjax')
+    pixels = modes.get('kpjax').coords_to_input_pixels(out['target'], SIZE)
     assert np.allclose(pixels, pixels[0], atol=1e-4)  # all keypoints share the dot
     diff = ((out['image'] - ref['image']) * preprocess.STDDEV_RGB).mean(-1)
     if pixels[0].min() < 8 or pixels[0].max() > SIZE - 9:
@@ -252,8 +275,10 @@ def test_train_targets_land_on_the_drawn_dot():
 
 def test_kpdem_preprocessing(source):
   with pytest.raises(ValueError, match='kpdem'):
-    pipeline.train_iterator(_config(preprocessing='kpdem'), source, seed=0)
-  batch = next(pipeline.train_iterator(_config(augment=False, preprocessing='kpdem'), source, seed=0))
+    fx.train_batches(_config(preprocessing='kpdem'), source, seed=0)
+  with pytest.raises(config_check.ConfigError, match="augment.enabled = True with config.preprocessing = 'kpdem'"):
+    config_check.check_config(_config(preprocessing='kpdem'))
+  batch = next(fx.train_batches(_config(augment=False, preprocessing='kpdem'), source, seed=0))
   assert batch['image'].max() <= 1 / 255 + 1e-6 and batch['image'].min() >= 0
   kept = batch['target'][batch['mask'] == 1]
   assert np.all((kept >= 0) & (kept <= 1))
@@ -262,7 +287,7 @@ def test_kpdem_preprocessing(source):
 @pytest.mark.parametrize('mode', ['kpjax', 'kpdem'])
 def test_eval_batches_padding_order_and_affine_round_trip(source, mode):
   config = _config('all', preprocessing=mode)
-  batches = list(pipeline.eval_batches(config, source, batch_size=8))
+  batches = list(fx.eval_batches(config, source, batch_size=8))
   assert len(batches) == 4  # 30 images -> 8 + 8 + 8 + 6 and 2 padding rows
   assert [int(b['valid'].sum()) for b in batches] == [8, 8, 8, 6]
   records = make_records()
@@ -274,23 +299,23 @@ def test_eval_batches_padding_order_and_affine_round_trip(source, mode):
     assert b['visibility'].shape == (8, 24) and b['category'].shape == (8,) and b['valid'].dtype == bool
     assert b['image_id'].dtype == object
     valid = b['valid']
-    coords = preprocess.input_pixels_to_coords(preprocess.apply_affine(b['keypoints'], b['affine']), SIZE, mode)
-    back = preprocess.coords_to_original(coords, b['affine'], SIZE, mode)
+    coords = modes.get(mode).input_pixels_to_coords(preprocess.apply_affine(b['keypoints'], b['affine']), SIZE)
+    back = modes.get(mode).coords_to_original(coords, b['affine'], SIZE)
     np.testing.assert_allclose(back[valid], b['keypoints'][valid], atol=1e-6)
   last = batches[-1]
   assert np.all(last['visibility'][~last['valid']] == -1) and np.all(last['image'][~last['valid']] == 0)
-  expected = np.stack([preprocess.prepare_for_model(preprocess.decode_image(r['image']), SIZE, mode)[0]
+  expected = np.stack([modes.get(mode).prepare(preprocess.decode_image(r['image']), SIZE)[0]
                        for r in records[:8]])
   np.testing.assert_allclose(batches[0]['image'], expected)
 
 
 def test_eval_batches_category_shards_and_max_images(source):
   config = _config('outwear')
-  (only,) = list(pipeline.eval_batches(config, source, batch_size=8))
+  (only,) = list(fx.eval_batches(config, source, batch_size=8))
   outwear = [r['image_id'].decode() for r in make_records() if r['category'] == kp.category_index('outwear')]
   assert list(only['image_id'][only['valid']]) == outwear and np.all(only['category'][only['valid']] == 2)
   config = _config('all')
-  shards = [list(pipeline.eval_batches(config, source, batch_size=4, shard_index=i, shard_count=3, max_images=25))
+  shards = [list(fx.eval_batches(config, source, batch_size=4, process_index=i, process_count=3, max_images=25))
             for i in range(3)]
   assert {len(s) for s in shards} == {3}  # ceil(ceil(25 / 3) / 4): the same count on every process
   per_shard = [np.concatenate([b['image_id'][b['valid']] for b in s]) for s in shards]
@@ -311,22 +336,22 @@ def test_missing_tfds_dataset_names_the_build_command(tmp_path):
   config.data.source = 'tfds'
   config.data.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(pipeline.DatasetNotFoundError) as e:
-    pipeline.get_source(config, 'train')
+    pipeline.get_source(config.data, 'train')
   message = str(e.value)
   assert str(tmp_path / 'nowhere') in message
   assert (f'python -m kpjax.data.build --manual-dir <where the FashionAI archives were extracted> '
           f'--data-dir {tmp_path / "nowhere"}') in message
   assert isinstance(e.value, ValueError)
   config.data.source = 'bogus'
-  with pytest.raises(ValueError, match='synthetic'):
-    pipeline.get_source(config, 'train')
+  with pytest.raises(config_check.ConfigError, match="config.data.source = 'bogus': expected one of tfds, synthetic"):
+    config_check.check_config(config)
 
 
 def test_synthetic_without_dir_or_workdir_is_an_error():
   config = _config()
   config.data.source = 'synthetic'
   with pytest.raises(ValueError, match='workdir'):
-    pipeline.get_source(config, 'train')
+    pipeline.get_source(config.data, 'train')
 
 
 class _FakeBuilders:
@@ -401,14 +426,14 @@ def test_pixel_records_and_corrupt_images():
   records = make_records(5)
   pixels = [dict(r, image=preprocess.decode_image(r['image'])) for r in records]
   config = _config(augment=False, batch_size=5)
-  a = next(pipeline.train_iterator(config, pipeline.RecordSource(records), seed=0))
-  b = next(pipeline.train_iterator(config, pipeline.RecordSource(pixels), seed=0))
+  a = next(fx.train_batches(config, pipeline.RecordSource(records), seed=0))
+  b = next(fx.train_batches(config, pipeline.RecordSource(pixels), seed=0))
   _assert_batches_equal([a], [b])
   records[2] = dict(records[2], image=b'\xff\xd8 truncated jpeg')
   with pytest.raises(preprocess.ImageError, match='Images/outwear/002.jpg'):
-    next(pipeline.train_iterator(config, pipeline.RecordSource(records), seed=0))
+    next(fx.train_batches(config, pipeline.RecordSource(records), seed=0))
   with pytest.raises(preprocess.ImageError, match='Images/outwear/002.jpg'):
-    list(pipeline.eval_batches(config, pipeline.RecordSource(records), batch_size=2))
+    list(fx.eval_batches(config, pipeline.RecordSource(records), batch_size=2))
 
 
 def _build_tiny_tfds(data_dir, records):
@@ -447,8 +472,8 @@ def test_tfds_source_end_to_end(tmp_path):
   config.data.source = 'tfds'
   config.data.tfds_name = 'tiny_fashionai'
   config.data.data_dir = str(tmp_path / 'data')
-  train = pipeline.get_source(config, 'train')
-  assert len(train) == NUM_RECORDS - 6 and len(pipeline.get_source(config, 'validation')) == 6
+  train = pipeline.get_source(config.data, 'train')
+  assert len(train) == NUM_RECORDS - 6 and len(pipeline.get_source(config.data, 'validation')) == 6
   by_id = {r['image_id'].decode(): r for r in records}
   first = train[0]
   assert isinstance(first['image_id'], str) and isinstance(first['category'], int)
@@ -458,24 +483,23 @@ def test_tfds_source_end_to_end(tmp_path):
   assert sorted(train[int(i)]['image_id'] for i in pipeline.example_indices(train, 'trousers')) == sorted(
       r['image_id'].decode() for r in records[:-6] if r['category'] == trousers)
   config.data.worker_count = 1  # the source travels to a worker process
-  it = pipeline.train_iterator(config, train, seed=0)
+  it = fx.train_batches(config, train, seed=0)
   try:
     ids = np.concatenate([_record_ids(b) for b in _take(it, 2)])
   finally:
     it.close()
   assert sorted(ids) == [i for i in range(NUM_RECORDS - 6) if i % 5 == trousers]
   with pytest.raises(pipeline.DatasetNotFoundError, match="no split 'test'.*train, validation"):
-    pipeline.get_source(config, 'test')
+    pipeline.get_source(config.data, 'test')
 
 
 def test_synthetic_source_end_to_end(tmp_path):
   """The real path: kpjax.data.synthetic generates FashionAI-style files, kpjax.data.build makes TFDS."""
-  pytest.importorskip('kpjax.data.build')
   config = _config('all', batch_size=4)
   config.data.source = 'synthetic'
   config.data.synthetic_num_images = 12
   config.data.synthetic_seed = 0
-  train = pipeline.get_source(config, config.data.train_split, workdir=str(tmp_path))
+  train = pipeline.get_source(config.data, config.data.train_split, workdir=str(tmp_path))
   base_dir = tmp_path / 'synthetic'
   assert (base_dir / 'raw' / 'train' / 'Annotations' / 'train.csv').is_file()
   stamp = os.stat(base_dir / 'tfds').st_mtime_ns
@@ -484,29 +508,29 @@ def test_synthetic_source_end_to_end(tmp_path):
   image = preprocess.decode_image(record['image'])
   assert image.shape == (record['height'], record['width'], 3)
   assert np.all(record['visibility'][~kp.category_mask(kp.CATEGORIES[record['category']])] == -1)
-  batch = next(pipeline.train_iterator(config, train, seed=0))
+  batch = next(fx.train_batches(config, train, seed=0))
   assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['mask'].sum() > 0
-  again = pipeline.get_source(config, config.data.eval_split, workdir=str(tmp_path))  # reuses the build
+  again = pipeline.get_source(config.data, config.data.eval_split, workdir=str(tmp_path))  # reuses the build
   assert os.stat(base_dir / 'tfds').st_mtime_ns == stamp
   total = len(train) + len(again)
   assert 0 < len(again) < total <= 12
-  (first, *_) = pipeline.eval_batches(config, again, batch_size=4)
+  (first, *_) = fx.eval_batches(config, again, batch_size=4)
   valid = first['valid']
-  back = preprocess.coords_to_original(
-      preprocess.input_pixels_to_coords(preprocess.apply_affine(first['keypoints'], first['affine']), SIZE, 'kpjax'),
-      first['affine'], SIZE, 'kpjax')
+  mode = modes.get('kpjax')
+  back = mode.coords_to_original(
+      mode.input_pixels_to_coords(preprocess.apply_affine(first['keypoints'], first['affine']), SIZE),
+      first['affine'], SIZE)
   np.testing.assert_allclose(back[valid], first['keypoints'][valid], atol=1e-4)
 
 
 def test_two_processes_generating_at_once_agree(tmp_path):
   """Two processes asking for the same synthetic cache at once: one copy lands, both read the same data."""
-  pytest.importorskip('kpjax.data.build')
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  script = ('import sys, json; from configs import base; from kpjax.data import pipeline\n'
+  script = ('import sys, json; from kpjax.configs import base; from kpjax.data import pipeline\n'
             'c = base.get_config(); c.data.source = "synthetic"; c.data.synthetic_dir = sys.argv[1]\n'
             'c.data.synthetic_num_images = 8\n'
-            's = pipeline.get_source(c, "train")\n'
+            's = pipeline.get_source(c.data, "train")\n'
             'print(json.dumps([s[i]["image_id"] for i in range(len(s))]))\n')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = [subprocess.Popen([sys.executable, '-c', script, str(tmp_path / 'synthetic')], cwd=root,

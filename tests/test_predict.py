@@ -23,10 +23,13 @@ from kpjax import inference
 from kpjax import keypoints as kp
 from kpjax import model as model_lib
 from kpjax import predict
+from kpjax.data import modes
 from kpjax.data import preprocess
+from kpjax.spec import ModelSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64  # network input side
+SLIM = ['--config.model.width=0.125', '--config.model.num_stages=1']  # the checkpoints' network, for --config
 COLOURS = np.array([[230, 20, 20], [20, 200, 20], [20, 20, 230]], np.float64)  # red, green, blue
 BACKGROUND = np.array([128, 128, 128], np.float64)
 
@@ -136,7 +139,7 @@ def test_blob_round_trip_in_original_pixels(tmp_path, blob_images, capsys):
   # skirt keypoints: waistband_left <- red, waistband_right <- green, hemline_left <- blue, hemline_right <- red.
   ckpt = _save(tmp_path, 'blob', colour_detector_variables((0, 1, 2, 0)), 'skirt')
   out = tmp_path / 'preds.csv'
-  code, err = _run(['--config', os.path.join(ROOT, 'configs/skirt.py'), f'--config.input_size={SIZE}',
+  code, err = _run(['--config', os.path.join(ROOT, 'configs/skirt.py'), f'--config.input_size={SIZE}', *SLIM,
                     '--checkpoint', ckpt, '--images', str(root / 'Images'), '--out', str(out), '--batch-size', '3'],
                    capsys)
   assert code == 0, err
@@ -156,17 +159,17 @@ def test_flip_maps_back_to_the_same_blob(tmp_path, blob_images):
   """With twins detecting the same colour, the flipped view must land on the same original pixels."""
   _, paths = blob_images
   ckpt = _save(tmp_path, 'twins', colour_detector_variables((0, 0, 2, 2)), 'skirt')
-  model, variables, meta = inference.load_predictor(ckpt)
-  plain = inference.make_predict_fn(model, 'kpjax', SIZE)
-  flipped = inference.make_predict_fn(model, 'kpjax', SIZE, flip=True, category='skirt')
+  model, variables, spec = inference.load_predictor(ckpt)
+  plain = inference.make_predict_fn(model)
+  flipped = inference.make_predict_fn(model, flip=True, category='skirt')
   for path, (h, w, centres) in zip(paths, BLOB_CASES):
     image = preprocess.decode_image(open(path, 'rb').read(), path)
-    x, affine = preprocess.prepare_for_model(image, SIZE, 'kpjax')
-    a = inference.to_original(plain(variables, x[None]), affine[None], 'kpjax', SIZE)[0]
+    x, affine = spec.preprocessing.prepare(image, SIZE)
+    a = inference.to_original(plain(variables, x[None]), affine[None], spec)[0]
     both = np.asarray(flipped(variables, x[None]))
     assert both.shape == (1, 2, 4, 2)
-    b = inference.to_original(both, affine[None], 'kpjax', SIZE)[0]
-    un = inference.unflip_to_original(both[0, 1], affine, 'kpjax', SIZE)
+    b = inference.to_original(both, affine[None], spec)[0]
+    un = spec.preprocessing.flipped_to_original(both[0, 1], affine, SIZE)
     want = np.array([centres[0], centres[0], centres[2], centres[2]], np.float64)
     tol = 0.75 * max(h, w) / SIZE
     np.testing.assert_allclose(a, want, atol=tol)
@@ -211,18 +214,19 @@ def test_flip_tta_of_a_symmetric_image_is_symmetric(preprocessing):
   n = kp.num_keypoints(category)
   net = model_lib.CoordRegressionNetwork(n, width=0.125, num_stages=1)
   variables = _peaky(net, _init(net, 1))
-  predict_fn = inference.make_predict_fn(net, preprocessing, SIZE, flip=True, category=category)
+  predict_fn = inference.make_predict_fn(net, flip=True, category=category)
+  spec = ModelSpec(category, 0.125, 1, SIZE, modes.get(preprocessing))
   perm = kp.flip_permutation(category)
   for h, w in [(96, 160), (121, 75), (64, 64)]:
     image = _symmetric_image(rng, h, w)
     np.testing.assert_array_equal(image, image[:, ::-1])
-    x, affine = preprocess.prepare_for_model(image, SIZE, preprocessing)
-    xy = inference.to_original(predict_fn(variables, x[None]), affine[None], preprocessing, SIZE)[0]
+    x, affine = spec.preprocessing.prepare(image, SIZE)
+    xy = inference.to_original(predict_fn(variables, x[None]), affine[None], spec)[0]
     np.testing.assert_allclose(xy[:, 0] + xy[perm, 0], w - 1, atol=1e-3 * w, err_msg=f'{preprocessing} {w}x{h}')
     np.testing.assert_allclose(xy[:, 1], xy[perm, 1], atol=1e-3 * h)
     # Without the flip the random network is not symmetric: the check above is not vacuous.
-    plain = inference.make_predict_fn(net, preprocessing, SIZE)
-    xy0 = inference.to_original(plain(variables, x[None]), affine[None], preprocessing, SIZE)[0]
+    plain = inference.make_predict_fn(net)
+    xy0 = inference.to_original(plain(variables, x[None]), affine[None], spec)[0]
     assert np.abs(xy0[:, 0] + xy0[perm, 0] - (w - 1)).max() > 1e-2 * w
 
 
@@ -232,7 +236,7 @@ def test_kpdem_unflip_is_the_original_image_mirror():
   affine = np.array([[SIZE / width, 0, 0], [0, SIZE / height, 0]])
   x = np.array([[0.0, 0.0], [17.0, 40.0], [511.0, 299.0]])
   flipped_c = np.stack([(width - 1 - x[:, 0]) / width, x[:, 1] / height], -1)
-  np.testing.assert_allclose(inference.unflip_to_original(flipped_c, affine, 'kpdem', SIZE), x, atol=1e-9)
+  np.testing.assert_allclose(modes.get('kpdem').flipped_to_original(flipped_c, affine, SIZE), x, atol=1e-9)
 
 
 def _random_checkpoint(tmp_path, category, preprocessing='kpjax'):
@@ -267,9 +271,9 @@ def test_predict_equals_the_model_called_by_hand(tmp_path, capsys):
     category, xy = rows[f'Images/{name}']
     assert category == name.split('/')[0]
     image = np.asarray(Image.open(images / name).convert('RGB'))
-    x, affine = preprocess.prepare_for_model(image, SIZE, 'kpjax')
+    x, affine = modes.get('kpjax').prepare(image, SIZE)
     coords = np.asarray(apply(variables, x[None])[0])
-    want = np.asarray(preprocess.coords_to_original(coords[0], affine, SIZE, 'kpjax'))
+    want = np.asarray(modes.get('kpjax').coords_to_original(coords[0], affine, SIZE))
     want = np.clip(np.rint(want), 0, np.array([image.shape[1] - 1, image.shape[0] - 1]))
     mask = kp.category_mask(category)
     np.testing.assert_allclose(xy[mask], want[mask], atol=1.0)  # rounding at .5 may differ by a pixel

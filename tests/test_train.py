@@ -21,7 +21,7 @@ import pytest
 import train_fixture as fx
 from kpjax import checkpoint as ckpt_lib
 from kpjax import train
-from kpjax import train_step as ts
+
 from kpjax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,10 +44,8 @@ def _records(workdir):
 
 def test_steps_lower_the_loss_on_a_fixed_batch():
   config = fx.tiny_config(learning_rate=3e-3, warmup_steps=0, schedule='constant')
-  model = ts.build_model(config)
-  state = ts.create_train_state(config, jax.random.key(0), model)
-  step = ts.make_train_step(model, config)
-  batch = next(pipeline.train_iterator(config, pipeline.RecordSource(fx.RECORDS['train']), seed=0))
+  step, state = fx.step_and_state(config)
+  batch = next(fx.train_batches(config, pipeline.RecordSource(fx.RECORDS['train'])))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   losses = []
   for _ in range(25):
@@ -60,10 +58,8 @@ def test_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_guarded_step_keeps_the_state_on_nan():
   config = fx.tiny_config()
-  model = ts.build_model(config)
-  state = ts.create_train_state(config, jax.random.key(0), model)
+  step, state = fx.step_and_state(config)
   params = jax.device_get(state.params)
-  step = ts.make_train_step(model, config)
   batch = {'image': jnp.full((4, 32, 32, 3), jnp.nan), 'target': jnp.zeros((4, 7, 2)), 'mask': jnp.ones((4, 7))}
   new_state, metrics = step(state, batch)
   assert not bool(metrics['finite'])
@@ -140,7 +136,7 @@ def test_init_from_starts_from_a_saved_model_and_checks_it_fits(trained, tmp_pat
   assert result['step'] == 1
   step0 = [r for r in _records(str(tmp_path / 'ft')) if r['step'] == 0 and 'eval/ne' in r]
   assert step0[0]['eval/ne'] == pytest.approx(source_result['eval/ne'], rel=1e-5)  # the loaded weights
-  with pytest.raises(ValueError, match=r'num_stages=1 but the config gives 2'):
+  with pytest.raises(ValueError, match=r'num_stages = 2 in the config but 1 in init_from .*--config.model.num_stages=1'):
     train.train_and_evaluate(fx.tiny_config(init_from=source_dir, **{'model.num_stages': 2}),
                              str(tmp_path / 'bad'))
 
@@ -189,20 +185,23 @@ def test_cli_overrides_sigterm_saves_and_a_rerun_resumes(tmp_path):
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--config.input_size=30', 'input_size must be a positive multiple of 8'),
-    ('--config.optimizer=sgd', "unknown optimizer 'sgd'"),
-    ('--config.compute_dtype=float8', "unknown compute_dtype 'float8'"),
+    ('--config.input_size=30', 'config.input_size = 30: expected a positive multiple of 8'),
+    ('--config.optimizer=sgd', "config.optimizer = 'sgd': expected one of adam, rmsprop"),
+    ('--config.compute_dtype=float8', "config.compute_dtype = 'float8': expected one of"),
+    ('--config.compute_dtype=float16', 'use bfloat16'),
+    ('--config.nonsense=1', 'the config has no field nonsense'),
 ])
 def test_cli_rejects_bad_config_values_without_traceback(tmp_path, flag, message):
   proc = subprocess.run(_cli(tmp_path / 'w', flag, f'--config.data.data_dir={tmp_path}', config='trousers.py'),
                         capture_output=True, text=True, cwd=REPO, timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert message in proc.stderr, proc.stderr
-  assert 'Traceback' not in proc.stderr
+  assert proc.stderr.startswith('error: ') and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'w')
 
 
 def test_cli_explains_how_to_build_missing_fashionai_data(tmp_path):
   proc = subprocess.run(_cli(tmp_path / 'w', f'--config.data.data_dir={tmp_path / "tfds"}', config='skirt.py'),
                         capture_output=True, text=True, cwd=REPO, timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert 'python -m kpjax.data.build' in proc.stderr and 'Traceback' not in proc.stderr

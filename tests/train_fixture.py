@@ -9,14 +9,17 @@ import os
 import socket
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kpjax import keypoints as kp  # pylint: disable=wrong-import-position
+from kpjax.configs import base  # pylint: disable=wrong-import-position
+from kpjax.data import augment  # pylint: disable=wrong-import-position
 from kpjax.data import pipeline  # pylint: disable=wrong-import-position
+from kpjax.spec import ModelSpec  # pylint: disable=wrong-import-position
 
 
 def make_records(n: int, seed: int, category: str = 'trousers') -> list[dict]:
@@ -42,8 +45,8 @@ def make_records(n: int, seed: int, category: str = 'trousers') -> list[dict]:
 RECORDS = {'train': make_records(16, 0), 'validation': make_records(8, 1)}
 
 
-def _get_source(config, split, workdir=None):
-  del config, workdir
+def _get_source(data, split, workdir=None):
+  del data, workdir
   return pipeline.RecordSource(RECORDS[split], split)
 
 
@@ -79,6 +82,30 @@ def tiny_config(**overrides):
   return config
 
 
+def train_batches(config, source, seed: int = 0, process_index: int = 0, process_count: int = 1):
+  """pipeline.train_iterator for a config, as kpjax.train builds it."""
+  return pipeline.train_iterator(source, ModelSpec.from_config(config), config.data,
+                                 global_batch_size=config.batch_size,
+                                 augment=augment.AugmentConfig.from_config(config.augment), seed=seed,
+                                 process_index=process_index, process_count=process_count)
+
+
+def eval_batches(config, source, **kwargs):
+  """pipeline.eval_batches for a config's model."""
+  return pipeline.eval_batches(source, ModelSpec.from_config(config), config.data, **kwargs)
+
+
+def step_and_state(config, mesh=None, seed: int = 0):
+  """(jitted train step, fresh TrainState) for a config, as kpjax.train builds them."""
+  from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
+  model = ts.build_model(config)
+  schedule = ts.make_schedule(config)
+  optimizer = ts.make_optimizer(config, schedule)
+  state = ts.create_train_state(model, optimizer, jax.random.key(seed), config.input_size)
+  step = ts.make_train_step(model, optimizer, schedule, sigma_t=config.sigma_t, js_weight=config.js_weight, mesh=mesh)
+  return step, state
+
+
 def free_port() -> int:
   """A TCP port nobody listens on right now (for a jax.distributed coordinator on localhost)."""
   with socket.socket() as s:
@@ -93,7 +120,6 @@ def train_losses(workdir: str) -> list[tuple[int, float]]:
 
 
 if __name__ == '__main__':
-  import jax  # pylint: disable=g-import-not-at-top
   from kpjax import parallel  # pylint: disable=g-import-not-at-top
   from kpjax import train  # pylint: disable=g-import-not-at-top
   workdir, overrides = sys.argv[1], json.loads(sys.argv[2])

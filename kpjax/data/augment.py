@@ -34,18 +34,12 @@ class AugmentConfig:
   color_jitter: float = 0.0
 
   @classmethod
-  def from_config(cls, augment) -> AugmentConfig:
-    """From config.augment (an ml_collections ConfigDict or any object with those fields)."""
-    scale = tuple(float(s) for s in augment.scale)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-      raise ValueError(f'config.augment.scale must be (lo, hi) with 0 < lo <= hi; got {augment.scale}')
-    if augment.rotation_deg < 0 or augment.translate < 0:
-      raise ValueError('config.augment.rotation_deg and translate must be >= 0; got '
-                       f'{augment.rotation_deg}, {augment.translate}')
-    if not 0 <= augment.color_jitter < 1:
-      raise ValueError(f'config.augment.color_jitter must be in [0, 1); got {augment.color_jitter}')
-    return cls(scale=scale, rotation_deg=float(augment.rotation_deg), translate=float(augment.translate),
-               flip=bool(augment.flip), color_jitter=float(augment.color_jitter))
+  def from_config(cls, augment) -> AugmentConfig | None:
+    """From config.augment (validated by kpjax.config_check); None when augmentation is off."""
+    if not augment.enabled:
+      return None
+    return cls(scale=tuple(float(s) for s in augment.scale), rotation_deg=float(augment.rotation_deg),
+               translate=float(augment.translate), flip=bool(augment.flip), color_jitter=float(augment.color_jitter))
 
 
 def augmentation_affine(size: int, scale: float = 1.0, angle_deg: float = 0.0,

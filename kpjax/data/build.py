@@ -16,7 +16,6 @@ The dataset is written to a temporary directory inside --data-dir and moved into
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -24,6 +23,7 @@ import sys
 import tempfile
 from typing import Sequence
 
+from kpjax import cli
 from kpjax.data.fashionai import BuildError, NAME, VERSION  # BuildError is re-exported here
 
 __all__ = ['BuildError', 'BuildSummary', 'build_dataset', 'main']
@@ -90,8 +90,25 @@ def build_dataset(manual_dir: str, data_dir: str, *, skip_bad: bool = False, val
       os.rmdir(parent)  # no empty fashionai_keypoints/ left by a failed build
 
 
+def _build(args) -> int:
+  try:
+    summary = build_dataset(args.manual_dir, args.data_dir, skip_bad=args.skip_bad,
+                            validation_fraction=args.validation_fraction, overwrite=args.overwrite,
+                            num_threads=args.num_threads, progress=sys.stderr.isatty())
+  except BuildError as e:
+    bad_row = ': row ' in str(e) and not args.skip_bad
+    raise BuildError(f'{e}' + (' (pass --skip-bad to skip bad rows and images, listing them)' if bad_row else '')) from None
+  for message in summary.skipped:
+    print(f'skipped: {message}', file=sys.stderr)
+  if summary.skipped:
+    print(f'skipped {len(summary.skipped)} bad rows/images', file=sys.stderr)
+  counts = ', '.join(f'{k} {v}' for k, v in sorted(summary.num_examples.items()))
+  print(f'wrote {summary.dataset_dir} ({counts})')
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m kpjax.data.build', description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(prog='python -m kpjax.data.build', description=__doc__.split('\n\n')[0])
   parser.add_argument('--manual-dir', required=True,
                       help='the unpacked FashionAI archives (train/Annotations/train.csv, train/Images/...)')
   parser.add_argument('--data-dir', required=True, help='TFDS data directory to write the dataset into')
@@ -101,26 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='share of the labelled images held out as the validation split (default 0.1)')
   parser.add_argument('--overwrite', action='store_true', help='replace a dataset already built in --data-dir')
   parser.add_argument('--num-threads', type=int, default=8, help='threads reading and checking images')
-  args = parser.parse_args(argv)
-  try:
-    summary = build_dataset(args.manual_dir, args.data_dir, skip_bad=args.skip_bad,
-                            validation_fraction=args.validation_fraction, overwrite=args.overwrite,
-                            num_threads=args.num_threads, progress=sys.stderr.isatty())
-  except BuildError as e:
-    bad_row = ': row ' in str(e) and not args.skip_bad
-    hint = '\n(pass --skip-bad to skip bad rows and images, listing them)' if bad_row else ''
-    print(f'error: {e}{hint}', file=sys.stderr)
-    return 1
-  except OSError as e:
-    print(f'error: {e.filename}: {e.strerror}' if e.filename else f'error: {e}', file=sys.stderr)
-    return 1
-  for message in summary.skipped:
-    print(f'skipped: {message}', file=sys.stderr)
-  if summary.skipped:
-    print(f'skipped {len(summary.skipped)} bad rows/images', file=sys.stderr)
-  counts = ', '.join(f'{k} {v}' for k, v in sorted(summary.num_examples.items()))
-  print(f'wrote {summary.dataset_dir} ({counts})')
-  return 0
+  return cli.run(_build, cli.parse(parser, argv))
 
 
 if __name__ == '__main__':

@@ -5,14 +5,21 @@ A record (one item of the TFDS `fashionai_keypoints` data source, see kpjax.data
  'category': int index into kpjax.keypoints.CATEGORIES, 'keypoints': float32 (24, 2) original pixels
  (x, y), 'visibility': int32 (24,) in {1, 0, -1}, 'height': int, 'width': int}.
 
-Training (`train_iterator`) is a grain pipeline
-    source[category's examples][shard_index::shard_count] -> shuffle(seed) -> repeat()
-      -> random_map(decode + augment + targets) -> batch -> [mp_prefetch]
-so it is deterministic (the same seed gives the same batches), infinite (each epoch reshuffled),
-sharded per process before shuffling (disjoint example streams) and resumable from
-`iterator.get_state()` (a JSON-serialisable dict, see TrainIterator). Batching happens before the
-(optional) worker processes, so the batches do not depend on config.data.worker_count.
-Evaluation (`eval_batches`) is a deterministic, padded pass over a split with no augmentation.
+Training (`train_iterator`) is a grain pipeline over ONE global example stream
+    source[category's examples] -> shuffle(seed) -> repeat() (reshuffled each epoch)
+      -> random_map(decode + augment + targets) -> batch(per-process share) -> [process::processes]
+      -> [mp_prefetch]
+The global batch of step k is examples [k G, (k + 1) G) of that stream (G = the global batch size),
+each decoded and augmented with a random stream derived from (seed, its position in the stream);
+process p of P loads rows [p G/P, (p + 1) G/P) of it and nothing else. So the batches depend on
+(seed, k) alone: any number of processes and devices with the same global batch trains on the same
+examples, a run may resume on a different number of processes (the state is the step count), and
+the batches do not depend on the number of grain worker processes either.
+Evaluation (`eval_batches`) is a deterministic, padded pass over a split with no augmentation, the
+images dealt round-robin to the processes.
+
+The functions take what they use: the model's `kpjax.spec.ModelSpec` (category, input size,
+preprocessing), `config.data` (the data sub-config, validated by kpjax.config_check) and plain values.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import numpy as np
 
 from kpjax import keypoints as kp
 from kpjax.data import augment as augment_lib
+from kpjax.data import modes
 from kpjax.data import preprocess
+from kpjax.spec import ModelSpec
 
 RECORD_KEYS = ('image', 'image_id', 'category', 'keypoints', 'visibility', 'height', 'width')
 _CATEGORY_CHUNK = 256  # records read at a time when indexing categories
@@ -116,7 +125,6 @@ def source_categories(source: Sequence) -> np.ndarray:
 
 def example_indices(source: Sequence, category: str) -> np.ndarray:
   """int64 (M,): source positions of the records a `category` model uses ('all': every record)."""
-  kp.check_category(category)
   if category == kp.ALL:
     return np.arange(len(source), dtype=np.int64)
   return np.flatnonzero(source_categories(source) == kp.category_index(category)).astype(np.int64)
@@ -196,27 +204,23 @@ def ensure_synthetic(base_dir: str, num_images: int, seed: int, name: str = 'fas
   return tfds_dir
 
 
-def get_source(config, split: str, workdir: str | None = None) -> RecordSource:
+def get_source(data, split: str, workdir: str | None = None) -> RecordSource:
   """A random-access source of normalised records of `split` (see the module docstring).
 
-  config.data.source 'tfds': the dataset built under config.data.data_dir (DatasetNotFoundError with
-  the build command when it is not); 'synthetic': generated and built under config.data.synthetic_dir
+  data: config.data. source 'tfds': the dataset built under data.data_dir (DatasetNotFoundError
+  with the build command when it is not); 'synthetic': generated and built under data.synthetic_dir
   (or `<workdir>/synthetic`) on first use.
   """
-  kind = config.data.source
-  if kind == 'tfds':
-    data_dir = os.path.abspath(os.path.expanduser(config.data.data_dir))
-  elif kind == 'synthetic':
-    base = config.data.synthetic_dir
+  if data.source == 'tfds':
+    data_dir = os.path.abspath(os.path.expanduser(data.data_dir))
+  else:  # 'synthetic' (kpjax.config_check allows no other)
+    base = data.synthetic_dir
     if not base:
       if not workdir:
         raise ValueError("config.data.source='synthetic' needs config.data.synthetic_dir or a workdir")
       base = os.path.join(workdir, 'synthetic')
-    data_dir = ensure_synthetic(base, int(config.data.synthetic_num_images),
-                                int(config.data.synthetic_seed), name=config.data.tfds_name)
-  else:
-    raise ValueError(f"unknown config.data.source {kind!r}; expected 'tfds' or 'synthetic'")
-  return open_tfds_source(data_dir, config.data.tfds_name, split)
+    data_dir = ensure_synthetic(base, int(data.synthetic_num_images), int(data.synthetic_seed), name=data.tfds_name)
+  return open_tfds_source(data_dir, data.tfds_name, split)
 
 
 class _Subset(Sequence):
@@ -247,14 +251,15 @@ def _record_image(record: dict[str, Any]) -> np.ndarray:
   return preprocess.decode_image(image, record.get('image_id', ''))
 
 
-def _targets(pixels: np.ndarray, visibility: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+def _targets(pixels: np.ndarray, visibility: np.ndarray, size: int,
+             mode: modes.Preprocessing) -> tuple[np.ndarray, np.ndarray]:
   """Input pixels (L, 2), visibility (L,) -> (float32 (L, 2) model coords, 0 where masked; float32 (L,) mask).
 
   mask = 1 where the keypoint is annotated (v >= 0) and lies inside the input square.
   """
   inside = np.all((pixels >= -0.5) & (pixels <= size - 0.5), axis=-1)
   mask = (np.asarray(visibility) >= 0) & inside & np.all(np.isfinite(pixels), axis=-1)
-  coords = preprocess.input_pixels_to_coords(np.where(mask[:, None], pixels, 0.0), size, mode)
+  coords = mode.input_pixels_to_coords(np.where(mask[:, None], pixels, 0.0), size)
   coords = np.where(mask[:, None], coords, 0.0)
   return coords.astype(np.float32), mask.astype(np.float32)
 
@@ -262,35 +267,33 @@ def _targets(pixels: np.ndarray, visibility: np.ndarray, size: int, mode: str) -
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
   """record -> {'image' f32 (S, S, 3), 'target' f32 (L, 2), 'mask' f32 (L,)} with a per-example rng."""
-  category: str
-  size: int
-  mode: str
+  spec: ModelSpec
   augment: augment_lib.AugmentConfig | None  # None = no augmentation
 
   def random_map(self, element, rng: np.random.Generator):
     image = _record_image(element)
-    idx = kp.keypoint_indices(self.category)
+    size, mode = self.spec.input_size, self.spec.preprocessing
+    idx = kp.keypoint_indices(self.spec.category)
     points = np.asarray(element['keypoints'], np.float64)[idx]
     visibility = np.asarray(element['visibility'], np.int32)[idx]
     if self.augment is not None:
       pixels, points, visibility, _ = augment_lib.augment_example(
-          image, points, visibility, self.category, self.size, self.augment, rng)
+          image, points, visibility, self.spec.category, size, self.augment, rng)
       model_image = preprocess.normalize_image(pixels)
     else:
-      model_image, affine = preprocess.prepare_for_model(image, self.size, self.mode)
+      model_image, affine = mode.prepare(image, size)
       points = preprocess.apply_affine(points, affine)
-    target, mask = _targets(points, visibility, self.size, self.mode)
+    target, mask = _targets(points, visibility, size, mode)
     return {'image': np.asarray(model_image, np.float32), 'target': target, 'mask': mask}
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
   """record -> the eval item (see eval_batches), no augmentation."""
-  size: int
-  mode: str
+  spec: ModelSpec
 
   def map(self, element):
-    image, affine = preprocess.prepare_for_model(_record_image(element), self.size, self.mode)
+    image, affine = self.spec.preprocessing.prepare(_record_image(element), self.spec.input_size)
     return {
         'image': np.asarray(image, np.float32),
         'affine': np.asarray(affine, np.float64),
@@ -310,78 +313,76 @@ def _seed32(*values: int) -> int:
   return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)[0])
 
 
-def _check_shard(shard_index: int, shard_count: int) -> None:
-  if shard_count < 1 or not 0 <= shard_index < shard_count:
-    raise ValueError(f'need 0 <= shard_index < shard_count; got shard {shard_index} of {shard_count}')
+def _check_process(process_index: int, process_count: int) -> None:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'need 0 <= process_index < process_count; got process {process_index} of {process_count}')
 
 
-def _read_options(config) -> grain.ReadOptions:
-  """Threads (each making whole elements) and buffered elements per process.
+def _read_options(data) -> grain.ReadOptions:
+  """Threads (each making whole elements) and buffered elements per process (data: config.data).
 
   Decoding and warping run in PIL/numpy, which release the GIL, so a few threads help; with worker
-  processes each gets 2 threads unless config.data.num_threads says otherwise.
+  processes each gets 2 threads unless data.num_threads says otherwise.
   """
-  threads = config.data.get('num_threads', 0) or (
-      min(8, os.cpu_count() or 1) if config.data.worker_count <= 0 else 2)
+  threads = data.num_threads or (min(8, os.cpu_count() or 1) if data.worker_count <= 0 else 2)
   return grain.ReadOptions(num_threads=int(threads), prefetch_buffer_size=int(threads))
 
 
-def _selected_indices(source: Sequence, category: str, shard_index: int, shard_count: int,
-                      max_images: int = 0) -> tuple[np.ndarray, int]:
+def _selected_indices(source: Sequence, category: str, max_images: int = 0) -> np.ndarray:
   indices = example_indices(source, category)
-  if max_images:
-    indices = indices[:max_images]
-  return indices[shard_index::shard_count], len(indices)
+  return indices[:max_images] if max_images else indices
 
 
-def train_iterator(config, source: Sequence, *, seed: int, shard_index: int = 0,
-                   shard_count: int = 1) -> TrainIterator:
-  """An infinite, deterministic, resumable iterator of this process's training batches.
+def train_iterator(source: Sequence, spec: ModelSpec, data, *, global_batch_size: int,
+                   augment: augment_lib.AugmentConfig | None, seed: int, process_index: int = 0,
+                   process_count: int = 1) -> TrainIterator:
+  """An infinite, deterministic, resumable iterator of this process's share of the training batches.
 
-  Yields {'image': float32 (b, S, S, 3), 'target': float32 (b, L, 2) model coordinates (dsntnn's
-  [-1, 1] for 'kpjax', pixel / S for 'kpdem'), 'mask': float32 (b, L)}, b = config.batch_size //
-  shard_count, S = config.input_size, L = num_keypoints(config.category). mask is 1 where the
+  Args:
+    source: the training split (get_source).
+    spec: the model trained (its category selects the records, its input size and preprocessing
+      make the inputs and targets).
+    data: config.data (worker_count, worker_buffer_size, num_threads).
+    global_batch_size: examples per step over all processes; a multiple of process_count.
+    augment: the augmentation ranges (kpjax.data.augment.AugmentConfig.from_config), None for none.
+    seed: the stream's seed (shuffling and augmentation).
+    process_index, process_count: this process and how many share the global batch.
+
+  Yields {'image': float32 (b, S, S, 3), 'target': float32 (b, L, 2) model coordinates (the
+  preprocessing mode's convention), 'mask': float32 (b, L)}, b = global_batch_size // process_count,
+  rows process_index * b ... of the global batch (see the module docstring). mask is 1 where the
   keypoint is annotated (v >= 0) and still inside the input after augmentation; masked targets are 0.
 
-  Per-category configs use only that category's records; shard `shard_index` of `shard_count`
-  takes every shard_count-th of them (disjoint across processes) before shuffling.
-
   State: `it.get_state()` is a JSON-serialisable dict {'batches', 'worker_count', 'grain'} (see
-  TrainIterator); `train_iterator(same args).set_state(state)` continues exactly where `it` was, also
-  with a different config.data.worker_count (the batches do not depend on it).
+  TrainIterator); `train_iterator(...).set_state(state)` continues exactly where `it` was, also with
+  another number of processes or worker processes (the stream does not depend on them).
   """
-  size = preprocess.check_input_size(config.input_size)
-  mode = preprocess.check_mode(config.preprocessing)
-  category = kp.check_category(config.category)
-  _check_shard(shard_index, shard_count)
-  if config.batch_size <= 0 or config.batch_size % shard_count:
-    raise ValueError(f'config.batch_size ({config.batch_size}) must be a positive multiple of the '
-                     f'number of processes ({shard_count})')
-  per_process = config.batch_size // shard_count
-  aug = None
-  if config.augment.enabled:
-    if mode == 'kpdem':
-      raise ValueError("augmentation is not supported with preprocessing='kpdem' (the original's "
-                       'non-aspect-preserving resize); set config.augment.enabled=False to fine-tune '
-                       "with KPDEM's conventions, or use preprocessing='kpjax'")
-    aug = augment_lib.AugmentConfig.from_config(config.augment)
-  indices, _ = _selected_indices(source, category, shard_index, shard_count)
+  _check_process(process_index, process_count)
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'config.batch_size ({global_batch_size}) must be a positive multiple of the '
+                     f'number of processes ({process_count})')
+  if augment is not None and not spec.preprocessing.supports_augmentation:
+    raise ValueError(f'augmentation is not supported with preprocessing={spec.preprocessing.name!r}')
+  indices = _selected_indices(source, spec.category)
   if len(indices) == 0:
-    raise ValueError(f'no {category} examples in {source!r} for shard {shard_index} of {shard_count}')
-  transform = TrainTransform(category=category, size=size, mode=mode, augment=aug)
+    raise ValueError(f'no {spec.category} examples in {source!r}')
+  per_process = global_batch_size // process_count
   ds = (grain.MapDataset.source(_Subset(source, indices))
         .shuffle(seed=_seed32(seed, 1))
         .repeat()
-        .random_map(transform, seed=_seed32(seed, 2, shard_index))
+        .random_map(TrainTransform(spec=spec, augment=augment), seed=_seed32(seed, 2))
         .batch(per_process, drop_remainder=True))
+  # The stream now holds the global batches as process_count consecutive parts each; this process
+  # keeps its part of every step. Elements are made on access, so the others' parts cost nothing.
+  ds = ds[process_index::process_count]
   # Batching before to_iter_dataset makes whole batches the unit of threads and worker processes, so
   # the stream does not depend on worker_count (worker k makes batches k, k + W, ...).
-  ds = ds.to_iter_dataset(_read_options(config))
-  worker_count = int(config.data.worker_count)
+  ds = ds.to_iter_dataset(_read_options(data))
+  worker_count = int(data.worker_count)
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=int(config.data.worker_buffer_size)))
+        num_workers=worker_count, per_worker_buffer_size=int(data.worker_buffer_size)))
   return TrainIterator(iter(ds), worker_count)
 
 
@@ -409,9 +410,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
   get_state() -> {'batches': int (batches yielded so far), 'worker_count': int, 'grain': grain's own
   state dict}, plain JSON types (json.dumps it to store it; pipeline.state_to_json). set_state()
-  takes such a dict from an iterator over the same source/config/seed/shard: with the same
+  takes such a dict from an iterator over the same source, model and seed: with the same
   worker_count it restores grain's state as is, otherwise it rebuilds it from 'batches' (the batch
-  stream does not depend on worker_count). Call close() to stop worker processes early.
+  stream depends neither on worker_count nor on the number of processes, and 'batches' counts
+  steps). Call close() to stop worker processes early.
   """
 
   def __init__(self, iterator: grain.DatasetIterator, worker_count: int):
@@ -475,16 +477,17 @@ def _stack(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return batch
 
 
-def eval_batches(config, source: Sequence, *, batch_size: int, shard_index: int = 0, shard_count: int = 1,
-                 max_images: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(source: Sequence, spec: ModelSpec, data, *, batch_size: int, process_index: int = 0,
+                 process_count: int = 1, max_images: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Deterministic evaluation batches of this process's share of `source`, padded to full batches.
 
   Args:
-    config: uses input_size, preprocessing and category (per-category configs keep only that category).
     source: a record source (get_source).
+    spec: the model evaluated (per-category models keep only their category's images).
+    data: config.data (threads).
     batch_size: examples per yielded batch (per process; every batch has exactly this many rows).
-    shard_index, shard_count: this process takes every shard_count-th selected image; all shards
-      yield the same number of batches (padding rows where a shard runs short).
+    process_index, process_count: this process takes every process_count-th selected image; all
+      processes yield the same number of batches (padding rows where a process runs short).
     max_images: keep only the first N selected images (0 = all).
 
   Yields:
@@ -492,27 +495,24 @@ def eval_batches(config, source: Sequence, *, batch_size: int, shard_index: int 
      original px, 'visibility' int32 (b, 24), 'category' int32 (b,), 'image_id' object (b,) str,
      'valid' bool (b,)}; padding rows have valid False, a zero image, an identity affine, visibility -1.
   """
-  size = preprocess.check_input_size(config.input_size)
-  mode = preprocess.check_mode(config.preprocessing)
-  category = kp.check_category(config.category)
-  _check_shard(shard_index, shard_count)
+  _check_process(process_index, process_count)
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive; got {batch_size}')
   if max_images < 0:
     raise ValueError(f'max_images must be >= 0 (0 = all); got {max_images}')
-  indices, total = _selected_indices(source, category, shard_index, shard_count, max_images)
-  num_batches = math.ceil(math.ceil(total / shard_count) / batch_size)
-  return _eval_generator(config, source, indices, size, mode, batch_size, num_batches)
+  selected = _selected_indices(source, spec.category, max_images)
+  num_batches = math.ceil(math.ceil(len(selected) / process_count) / batch_size)
+  return _eval_generator(source, spec, data, selected[process_index::process_count], batch_size, num_batches)
 
 
-def _eval_generator(config, source, indices, size, mode, batch_size, num_batches):
+def _eval_generator(source, spec, data, indices, batch_size, num_batches):
   items = iter(())
   if len(indices):
-    items = iter(grain.MapDataset.source(_Subset(source, indices)).map(EvalTransform(size, mode))
-                 .to_iter_dataset(_read_options(config)))
+    items = iter(grain.MapDataset.source(_Subset(source, indices)).map(EvalTransform(spec))
+                 .to_iter_dataset(_read_options(data)))
   for _ in range(num_batches):
     chunk = [item for _, item in zip(range(batch_size), items)]
-    chunk += [_padding_item(size)] * (batch_size - len(chunk))
+    chunk += [_padding_item(spec.input_size)] * (batch_size - len(chunk))
     yield _stack(chunk)
 
 

@@ -5,11 +5,8 @@ Pixel convention: integer coordinates are pixel centres (as FashionAI's annotati
 original-image pixel (x, y) to model-input pixel (x, y); training's augmentation composes its random
 transforms into the same kind of matrix, so keypoints move exactly with the pixels.
 
-Two modes (config.preprocessing, recorded in checkpoint metadata):
-  'kpjax': letterbox (aspect kept, centred, padded with the mean colour), ImageNet mean/std;
-           model coordinates are dsntnn's normalised [-1, 1].
-  'kpdem': the original KPDEM code's conventions (kpjax.kpdem): skimage resize to a square, /255 twice,
-           model coordinates pixel / size in [0, 1].
+The two ways of feeding a model ('kpjax' letterbox + mean/std, 'kpdem' the original's resize) are
+objects in kpjax.data.modes, built from the operations here.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import io
 import numpy as np
 from PIL import Image
 
-MODES = ('kpjax', 'kpdem')
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255  # ImageNet statistics, in 0..255 units
 STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
 FILL_RGB = tuple(int(round(c)) for c in MEAN_RGB)  # letterbox padding: 0 after normalisation
@@ -42,12 +38,6 @@ def decode_image(data: bytes, name: str = '') -> np.ndarray:
   if image.shape[0] == 0 or image.shape[1] == 0:
     raise ImageError(f'{label}: image has no pixels ({image.shape[1]}x{image.shape[0]})')
   return image
-
-
-def check_mode(mode: str) -> str:
-  if mode not in MODES:
-    raise ValueError(f'unknown preprocessing {mode!r}; expected one of {", ".join(MODES)}')
-  return mode
 
 
 def check_input_size(size: int) -> int:
@@ -116,41 +106,3 @@ def warp_image(image: np.ndarray, affine, size: int, fill=FILL_RGB) -> np.ndarra
 def normalize_image(image: np.ndarray) -> np.ndarray:
   """uint8 (..., 3) -> float32 with ImageNet mean/std (the 'kpjax' mode's input scaling)."""
   return (np.asarray(image, np.float32) - MEAN_RGB) / STDDEV_RGB
-
-
-def prepare_for_model(image: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-  """uint8 (H, W, 3) -> (float32 (size, size, 3) network input, float64 (2, 3) affine original -> input)."""
-  check_mode(mode)
-  size = check_input_size(size)
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f'expected an RGB image (H, W, 3); got shape {image.shape}')
-  if mode == 'kpdem':
-    from kpjax import kpdem  # pylint: disable=g-import-not-at-top
-    return kpdem.prepare_image(image, size)
-  affine = letterbox_affine(image.shape[0], image.shape[1], size)
-  return normalize_image(warp_image(image, affine, size)), affine
-
-
-def coords_to_input_pixels(coords, size: int, mode: str) -> np.ndarray:
-  """Model coordinates (..., L, 2) -> model-input pixels (..., L, 2), per the mode's convention."""
-  check_mode(mode)
-  coords = np.asarray(coords, np.float64)
-  if mode == 'kpdem':
-    from kpjax import kpdem  # pylint: disable=g-import-not-at-top
-    return kpdem.coords_to_input_pixels(coords, size)
-  return 0.5 * ((coords + 1) * size - 1)  # dsntnn.normalized_to_pixel_coordinates for a square input
-
-
-def input_pixels_to_coords(pixels, size: int, mode: str) -> np.ndarray:
-  """Model-input pixels (..., L, 2) -> model coordinates: the training targets' convention."""
-  check_mode(mode)
-  pixels = np.asarray(pixels, np.float64)
-  if mode == 'kpdem':
-    from kpjax import kpdem  # pylint: disable=g-import-not-at-top
-    return kpdem.input_pixels_to_coords(pixels, size)
-  return (2 * pixels + 1) / size - 1  # dsntnn.pixel_to_normalized_coordinates
-
-
-def coords_to_original(coords, affine, size: int, mode: str) -> np.ndarray:
-  """Model coordinates (..., L, 2) -> original-image pixels, through the inverse of `affine` (..., 2, 3)."""
-  return apply_affine(coords_to_input_pixels(coords, size, mode), invert_affine(affine))

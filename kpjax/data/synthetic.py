@@ -25,7 +25,6 @@ for a seed, whatever `num_images` is.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -40,6 +39,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kpjax import cli
 from kpjax import keypoints as kp
 from kpjax.data import csv_io
 
@@ -483,8 +483,15 @@ def generate(out_dir: str, num_images: int, seed: int, num_test: int | None = No
   return out_dir
 
 
+def _generate(args) -> int:
+  out = generate(args.out, args.num_images, args.seed, num_test=args.num_test)
+  print(f'wrote {args.num_images} training images to {os.path.join(out, "train")} and the test split to '
+        f'{os.path.join(out, "test")}')
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='python -m kpjax.data.synthetic',
       description='Writes procedural garment images with keypoint labels in the FashionAI layout '
                   '(DIR/train/Annotations/train.csv, DIR/train/Images/<category>/*.jpg, DIR/test/...).')
@@ -492,18 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--num-images', type=int, default=2000, help='labelled training images (default 2000)')
   parser.add_argument('--num-test', type=int, default=None, help='unlabelled test images (default num-images/10)')
   parser.add_argument('--seed', type=int, default=0, help='random seed: the same seed writes the same files')
-  args = parser.parse_args(argv)
-  try:
-    out = generate(args.out, args.num_images, args.seed, num_test=args.num_test)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f'error: {e.filename}: {e.strerror}' if e.filename else f'error: {e}', file=sys.stderr)
-    return 1
-  print(f'wrote {args.num_images} training images to {os.path.join(out, "train")} and the test split to '
-        f'{os.path.join(out, "test")}')
-  return 0
+  return cli.run(_generate, cli.parse(parser, argv))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,136 @@
+"""The one validation of a run's config, done where it enters (each CLI, `train_and_evaluate`).
+
+Every field of configs/base.py that has a meaning kpjax checks is a row of `_RULES`: a config that
+passes `check_config` can be handed down (as sub-configs and typed values) without any further
+checking, and one that fails is refused with a message naming the field, its value and what was
+expected. Checks that depend on the machine (the batch against the device count) are made where the
+machine is known (kpjax.train).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from kpjax import conv
+from kpjax import keypoints
+from kpjax.data import modes
+
+OPTIMIZERS = ('adam', 'rmsprop')
+SCHEDULES = ('cosine', 'step', 'constant')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+DATA_SOURCES = ('tfds', 'synthetic')
+MAX_STAGES = 6
+
+
+class ConfigError(ValueError):
+  """A config field with a value kpjax cannot use; the message names the field and what it expects."""
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(v) -> bool:
+  return _is_int(v) and v > 0
+
+
+def _non_negative_int(v) -> bool:
+  return _is_int(v) and v >= 0
+
+
+def _one_of(choices) -> Callable[[Any], bool]:
+  return lambda v: v in choices
+
+
+def _category(v) -> bool:
+  return v in keypoints.CATEGORIES or v == keypoints.ALL
+
+
+def _scale_range(v) -> bool:
+  return (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(s) for s in v)
+          and 0 < v[0] <= v[1])
+
+
+def _remat_policy(v) -> bool:
+  return isinstance(v, str) and hasattr(jax.checkpoint_policies, v)
+
+
+# (field, test, what is expected). Fields a config lacks are skipped (a config file may be partial
+# only in tests; configs/base.py has them all).
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ('category', _category, f'one of {", ".join(keypoints.CATEGORIES)} or {keypoints.ALL!r}'),
+    ('input_size', lambda v: _positive_int(v) and v % 8 == 0,
+     'a positive multiple of 8 (the network pools 2x2 three times)'),
+    ('preprocessing', _one_of(modes.NAMES), f'one of {", ".join(modes.NAMES)}'),
+    ('model.width', lambda v: _is_number(v) and v > 0, 'a positive number (1.0 = the original network)'),
+    ('model.num_stages', lambda v: _is_int(v) and 1 <= v <= MAX_STAGES, f'an integer in 1..{MAX_STAGES}'),
+    ('model.conv_algorithm', _one_of(('',) + conv.ALGORITHMS),
+     f"'' (the preprocessing mode's default) or one of {', '.join(conv.ALGORITHMS)}"),
+    ('compute_dtype', _one_of(COMPUTE_DTYPES),
+     f'one of {", ".join(COMPUTE_DTYPES)} (float16 is not supported: it needs loss scaling; use bfloat16)'),
+    ('remat', lambda v: isinstance(v, bool), 'True or False'),
+    ('remat_policy', _remat_policy, 'a jax.checkpoint_policies name (e.g. nothing_saveable)'),
+    ('data.source', _one_of(DATA_SOURCES), f'one of {", ".join(DATA_SOURCES)}'),
+    ('data.tfds_name', lambda v: isinstance(v, str) and bool(v), 'a TFDS dataset name'),
+    ('data.synthetic_num_images', _positive_int, 'a positive integer'),
+    ('data.num_eval_images', _non_negative_int, 'an integer >= 0 (0 = the whole split)'),
+    ('data.worker_count', _non_negative_int, 'an integer >= 0 (grain worker processes; 0 = none)'),
+    ('data.worker_buffer_size', _positive_int, 'a positive integer'),
+    ('data.num_threads', _non_negative_int, 'an integer >= 0 (0 = auto)'),
+    ('augment.scale', _scale_range, '(lo, hi) with 0 < lo <= hi'),
+    ('augment.rotation_deg', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (degrees)'),
+    ('augment.translate', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (a fraction of the input side)'),
+    ('augment.color_jitter', lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('sigma_t', lambda v: _is_number(v) and v > 0, 'a positive number (input pixels)'),
+    ('js_weight', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    ('optimizer', _one_of(OPTIMIZERS), f'one of {", ".join(OPTIMIZERS)}'),
+    ('learning_rate', lambda v: _is_number(v) and v > 0, 'a positive number'),
+    ('warmup_steps', _non_negative_int, 'an integer >= 0'),
+    ('schedule', _one_of(SCHEDULES), f'one of {", ".join(SCHEDULES)}'),
+    ('weight_decay', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    ('rmsprop_decay', lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('grad_clip_norm', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (0 = no clipping)'),
+    ('batch_size', _positive_int, 'a positive integer (the global batch)'),
+    ('total_steps', _positive_int, 'a positive integer'),
+    ('seed', _is_int, 'an integer'),
+    ('stop_at_step', _non_negative_int, 'an integer >= 0 (0 = run to total_steps)'),
+    ('log_every_steps', _positive_int, 'a positive integer'),
+    ('eval_every_steps', _positive_int, 'a positive integer'),
+    ('eval_batch_size', _positive_int, 'a positive integer'),
+    ('checkpoint_every_steps', _positive_int, 'a positive integer'),
+    ('keep_checkpoints', _positive_int, 'a positive integer'),
+    ('num_vis_images', _non_negative_int, 'an integer >= 0'),
+    ('init_from', lambda v: isinstance(v, str), 'a path, or empty'),
+)
+
+
+def _lookup(config, field: str):
+  node = config
+  for part in field.split('.'):
+    if part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def check_config(config, training: bool = True) -> Any:
+  """Returns `config` if every field it has is valid, else raises ConfigError for the first that is not.
+
+  `training`: also refuse what only training cannot do (augmenting a model fed KPDEM's way); the
+  evaluation and prediction tools use such configs to describe converted models.
+  """
+  for field, test, expected in _RULES:
+    present, value = _lookup(config, field)
+    if present and not test(value):
+      raise ConfigError(f'config.{field} = {value!r}: expected {expected}')
+  if not training or not config.augment.enabled or modes.get(config.preprocessing).supports_augmentation:
+    return config
+  raise ConfigError(f'config.augment.enabled = True with config.preprocessing = {config.preprocessing!r}: '
+                    "augmentation needs preprocessing='kpjax' (the original's non-aspect-preserving resize has "
+                    'no augmented twin); set config.augment.enabled=False to fine-tune with KPDEM\'s conventions')

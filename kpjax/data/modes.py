@@ -1,0 +1,154 @@
+"""The two input/output conventions a kpjax model can have, one object each, chosen once per model.
+
+A model's `preprocessing` (config field and checkpoint metadata) names how images become its input
+and how its output coordinates become pixels:
+
+  'kpjax' (models trained here): letterbox (aspect kept, centred, padded with the mean colour),
+          ImageNet mean/std; coordinates are dsntnn's normalised [-1, 1] over the input square.
+  'kpdem' (converted released checkpoints): the original KPDEM code's conventions (kpjax.kpdem):
+          skimage's resize to a square, /255 twice; coordinates are input pixel / size in [0, 1].
+
+Everything that depends on the mode (preparing an image, model coordinates <-> input pixels <->
+original pixels, undoing a horizontal flip, whether training may augment, which convolutions
+reproduce the model best, an example input for checks) is a method of its object, so callers hold a
+`Preprocessing` and never compare mode names. Pixel conventions are kpjax.data.preprocess's: integer
+coordinates are pixel centres, an affine maps original pixel (x, y) to input pixel (x, y).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from kpjax import kpdem
+from kpjax.data import preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How images are fed to a model and its outputs read back. Picklable (grain workers get a copy)."""
+  name: ClassVar[str]
+  description: ClassVar[str]  # one sentence for exported models' metadata and the docs
+  supports_augmentation: ClassVar[bool]
+  conv_algorithm: ClassVar[str]  # kpjax.conv algorithm that reproduces such models best by default
+
+  def prepare(self, image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (H, W, 3) -> (float32 (size, size, 3) network input, float64 (2, 3) affine original -> input px)."""
+    raise NotImplementedError
+
+  def coords_to_input_pixels(self, coords, size: int) -> np.ndarray:
+    """Model coordinates (..., L, 2) (x, y) -> input pixels (..., L, 2), float64."""
+    raise NotImplementedError
+
+  def input_pixels_to_coords(self, pixels, size: int) -> np.ndarray:
+    """Input pixels (..., L, 2) -> model coordinates: the training targets' convention, float64."""
+    raise NotImplementedError
+
+  def flipped_to_original(self, coords, affine, size: int) -> np.ndarray:
+    """Outputs (..., L, 2) for the horizontally flipped input (left/right keypoints already swapped
+    back) -> pixels of the unflipped original image, float64."""
+    raise NotImplementedError
+
+  def example_input(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A random float32 batch (B, S, S, 3) in the value range this mode's inputs have (for checks)."""
+    raise NotImplementedError
+
+  def coords_to_original(self, coords, affine, size: int) -> np.ndarray:
+    """Model coordinates (..., L, 2) -> original-image pixels through the inverse of `affine` (..., 2, 3)."""
+    pixels = self.coords_to_input_pixels(coords, size)
+    return preprocess.apply_affine(pixels, preprocess.invert_affine(affine))
+
+  def metadata(self) -> dict[str, Any]:
+    """The checkpoint metadata entries that recreate this object (`from_metadata`)."""
+    return {'preprocessing': self.name}
+
+
+@dataclasses.dataclass(frozen=True)
+class KpjaxPreprocessing(Preprocessing):
+  """Letterbox + ImageNet mean/std; dsntnn's [-1, 1] coordinates. Models trained in kpjax."""
+  name: ClassVar[str] = 'kpjax'
+  description: ClassVar[str] = (
+      'letterbox the RGB image to SxS (aspect kept, centred, padded with the ImageNet mean colour), '
+      'subtract the ImageNet mean and divide by its std (0..255 units); coords are dsntnn normalised '
+      '[-1, 1]: input pixel = ((c + 1) * S - 1) / 2')
+  supports_augmentation: ClassVar[bool] = True
+  conv_algorithm: ClassVar[str] = 'auto'
+
+  def prepare(self, image, size):
+    image = _check_image(image)
+    size = preprocess.check_input_size(size)
+    affine = preprocess.letterbox_affine(image.shape[0], image.shape[1], size)
+    return preprocess.normalize_image(preprocess.warp_image(image, affine, size)), affine
+
+  def coords_to_input_pixels(self, coords, size):
+    return 0.5 * ((np.asarray(coords, np.float64) + 1) * size - 1)  # dsntnn.normalized_to_pixel_coordinates
+
+  def input_pixels_to_coords(self, pixels, size):
+    return (2 * np.asarray(pixels, np.float64) + 1) / size - 1  # dsntnn.pixel_to_normalized_coordinates
+
+  def flipped_to_original(self, coords, affine, size):
+    # Flipping the input maps input column q to S - 1 - q, i.e. normalised x to -x; the image's own
+    # affine then gives original pixels.
+    return self.coords_to_original(np.asarray(coords, np.float64) * np.array([-1.0, 1.0]), affine, size)
+
+  def example_input(self, rng, shape):
+    return ((rng.random(shape, dtype=np.float32) - 0.5) / 0.25).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class KpdemPreprocessing(Preprocessing):
+  """The original's resize to a square and [0, 1] coordinates (kpjax.kpdem). Converted models."""
+  name: ClassVar[str] = 'kpdem'
+  description: ClassVar[str] = (
+      "KPDEM's: skimage.transform.resize of the RGB image to SxS (floats in [0, 1]) divided by 255 once "
+      'more; coords are input pixel / S in [0, 1], i.e. original pixel = (c_x * W, c_y * H)')
+  supports_augmentation: ClassVar[bool] = False  # the non-aspect-preserving resize has no augmented twin here
+  # Direct convolutions: Winograd's position-dependent rounding turns the exact max-pool ties of flat
+  # image regions into near-ties decided differently from PyTorch (see kpjax.conv).
+  conv_algorithm: ClassVar[str] = 'direct'
+
+  def prepare(self, image, size):
+    return kpdem.prepare_image(_check_image(image), preprocess.check_input_size(size))
+
+  def coords_to_input_pixels(self, coords, size):
+    return kpdem.coords_to_input_pixels(coords, size)
+
+  def input_pixels_to_coords(self, pixels, size):
+    return kpdem.input_pixels_to_coords(pixels, size)
+
+  def flipped_to_original(self, coords, affine, size):
+    # The original's resize commutes with flips, so the flipped input is the resized flipped
+    # original: its outputs map (same affine) to the flipped original's pixels x', and x = W - 1 - x'
+    # with W = S / affine[0, 0] (KPDEM's corner-aligned scaling, kpdem.resize_affine; mirroring the
+    # input pixels instead would be off by W / S - 1 original pixels).
+    flipped = self.coords_to_original(coords, affine, size)
+    width = size / np.asarray(affine, np.float64)[..., 0, 0]
+    return np.stack([np.asarray(width)[..., None] - 1 - flipped[..., 0], flipped[..., 1]], axis=-1)
+
+  def example_input(self, rng, shape):
+    return rng.random(shape, dtype=np.float32) / np.float32(255.0)
+
+
+MODES: dict[str, type[Preprocessing]] = {m.name: m for m in (KpjaxPreprocessing, KpdemPreprocessing)}
+NAMES = tuple(MODES)
+
+
+def get(name: str) -> Preprocessing:
+  """The mode called `name` ('kpjax' or 'kpdem'); ValueError naming the choices otherwise."""
+  if name not in MODES:
+    raise ValueError(f'unknown preprocessing {name!r}; expected one of {", ".join(NAMES)}')
+  return MODES[name]()
+
+
+def from_metadata(metadata: Mapping[str, Any]) -> Preprocessing:
+  """The mode a checkpoint's metadata records."""
+  return get(metadata['preprocessing'])
+
+
+def _check_image(image) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'expected an RGB image (H, W, 3); got shape {image.shape}')
+  return image
