@@ -23,6 +23,7 @@ import torch
 from convert import layout
 from convert import torch_loading
 from convert.layout import Architecture, LayoutError
+from kpjax import atomic
 from kpjax import checkpoint
 from kpjax import keypoints
 
@@ -179,9 +180,8 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
     raise ConversionError(f'--preprocessing must be one of {", ".join(checkpoint.PREPROCESSING_MODES)}; '
                           f'got {preprocessing!r}')
   out_abs = os.path.abspath(os.path.expanduser(out))
-  if os.path.exists(out_abs) and not force:  # fail before the (slow) reading and converting
-    raise checkpoint.CheckpointError(f'{out_abs} already exists; choose another output directory or pass '
-                                     '--force to replace it')
+  # fail before the (slow) reading and converting; save_model checks again
+  atomic.check_target(out_abs, replace=force, flag='--force', error=checkpoint.CheckpointError)
   try:
     category = keypoints.check_category(config.category)
   except ValueError as e:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kpjax import atomic
+from kpjax import checkpoint
 from rename_faults import fail_renames
 
 
@@ -167,3 +168,27 @@ def test_first_wins(tmp_path):
   with pytest.raises(ValueError, match='exclude each other'):
     with atomic.staged_dir(target, replace=True, first_wins=True):
       pass
+
+
+# ---- Callers -------------------------------------------------------------------------------------
+
+def _model(tmp_path, value, force=False):
+  meta = {'category': 'skirt', 'n_locations': 4, 'width': 0.125, 'num_stages': 1, 'input_size': 64,
+          'preprocessing': 'kpjax'}
+  variables = {'params': {'hm_conv': {'kernel': np.full((1, 1, 8, 4), value, np.float32)}}}
+  return checkpoint.save_model(str(tmp_path / 'model'), variables, meta, force=force)
+
+
+def test_save_model_keeps_the_old_model_when_replacing_fails(tmp_path, monkeypatch):
+  path = _model(tmp_path, 1.0)
+  with pytest.raises(checkpoint.CheckpointError, match='already exists.*--force'):
+    _model(tmp_path, 2.0)
+  with monkeypatch.context() as m:
+    fail_renames(m, path, {2})
+    with pytest.raises(OSError, match='injected'):
+      _model(tmp_path, 2.0, force=True)
+  assert os.listdir(tmp_path) == ['model']
+  assert checkpoint.load_model(path)[0]['params']['hm_conv']['kernel'].max() == 1.0
+  _model(tmp_path, 3.0, force=True)
+  assert checkpoint.load_model(path)[0]['params']['hm_conv']['kernel'].max() == 3.0
+  assert os.listdir(tmp_path) == ['model']
