@@ -8,7 +8,6 @@ before drawing so that names stay legible. Nothing here touches JAX.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Iterable, Sequence
@@ -18,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from kpjax import atomic
 from kpjax import keypoints as kp
+from kpjax.train_log import read_metrics  # the one reader of metrics.jsonl, shared with resuming
 
 LEFT_COLOR = (40, 140, 255)
 RIGHT_COLOR = (255, 60, 60)
@@ -252,23 +252,6 @@ def save_prediction_grid(path: str | os.PathLike, images: Sequence, preds: Seque
     vis = None if visibilities is None else visibilities[k]
     tiles.append(draw_prediction(image, pred, cat, gt, vis, labels=labels, min_size=min_size))
   return save_grid(tiles, path, columns=columns, max_cell=2 * min_size + 4)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-  """The records of a metrics.jsonl file (one JSON object a line; blank and partial last lines skipped)."""
-  records = []
-  with open(path) as f:
-    lines = f.read().splitlines()
-  for n, text in enumerate(lines):
-    if not text.strip():
-      continue
-    try:
-      records.append(json.loads(text))
-    except json.JSONDecodeError as e:
-      if n == len(lines) - 1:  # a line being written while we read
-        break
-      raise ValueError(f'{path}:{n + 1}: not a JSON object ({e.msg})') from None
-  return records
 
 
 def _series(records: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
