@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 
 from . import layout
 from .layout import Architecture, LayoutError
+from kpjax import atomic
 from kpjax import checkpoint
 from kpjax import cli
 from kpjax import config_check
@@ -82,8 +82,7 @@ def export_checkpoint(config, checkpoint_path: str, out: str, *, config_name: st
   out_abs = os.path.abspath(os.path.expanduser(out))
   if os.path.isdir(out_abs):
     raise ExportError(f'{out_abs} is a directory; --out names the .pth file to write')
-  if os.path.exists(out_abs) and not force:
-    raise ExportError(f'{out_abs} already exists; choose another output file or pass --force to replace it')
+  atomic.check_target(out_abs, replace=force, flag='--force', error=ExportError)
   variables, metadata = checkpoint.load_model(checkpoint_path)
   found = checkpoint.check_metadata(metadata)
   try:
@@ -95,15 +94,8 @@ def export_checkpoint(config, checkpoint_path: str, out: str, *, config_name: st
   state_dict = variables_to_state_dict(variables, arch)
   if dataparallel_prefix:
     state_dict = collections.OrderedDict((f'module.{k}', v) for k, v in state_dict.items())
-  os.makedirs(os.path.dirname(out_abs), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(out_abs)}.tmp-', dir=os.path.dirname(out_abs))
-  os.close(fd)
-  try:
+  with atomic.staged_file(out_abs) as tmp:
     torch.save(state_dict, tmp, _use_new_zipfile_serialization=not legacy_format)
-    os.replace(tmp, out_abs)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   log(f'wrote {out_abs}: state_dict of CoordRegression({arch.describe()}), {len(state_dict)} tensors'
       + (', keys prefixed with module.' if dataparallel_prefix else ''))
   log(f'note: feed it as it was trained or converted: preprocessing={found.preprocessing.name!r}, '

@@ -23,6 +23,7 @@ import torch
 from . import layout
 from . import torch_loading
 from .layout import Architecture, LayoutError
+from kpjax import atomic
 from kpjax import checkpoint
 from kpjax import cli
 from kpjax import config_check
@@ -185,9 +186,8 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
         'config.preprocessing', '--preprocessing')) from None
   spec = ModelSpec.from_config(config)
   out_abs = os.path.abspath(os.path.expanduser(out))
-  if os.path.exists(out_abs) and not force:  # fail before the (slow) reading and converting
-    raise checkpoint.CheckpointError(f'{out_abs} already exists; choose another output directory or pass '
-                                     '--force to replace it')
+  # fail before the (slow) reading and converting; save_model checks again
+  atomic.check_target(out_abs, replace=force, flag='--force', error=checkpoint.CheckpointError)
   expected = Architecture(n_locations=spec.n_locations, width=spec.width, num_stages=spec.num_stages)
   source = f"{config_name} (category '{spec.category}')"
 

@@ -14,14 +14,13 @@ preprocessing: how to rebuild and feed the model) plus where it came from (sourc
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kpjax import atomic
 from kpjax.spec import ModelSpec, SpecMismatch
 
 CHECKPOINTS_SUBDIR = 'checkpoints'  # inside a training workdir
@@ -50,33 +49,21 @@ def save_model(directory: str, variables, metadata: dict[str, Any], force: bool 
     directory: the directory to create.
     variables: the Flax variables, {'params': ...}.
     metadata: model metadata (`ModelSpec.metadata()` plus JSON-serialisable extras).
-    force: replace an existing directory (only once the new one is complete).
+    force: replace an existing directory (only once the new one is complete; if that fails, the old
+      one stays). Without it an existing directory raises CheckpointError.
 
   Returns:
     The absolute path written.
   """
-  directory = os.path.abspath(os.path.expanduser(directory))
   check_metadata(metadata)
-  if os.path.exists(directory) and not force:
-    raise CheckpointError(f'{directory} already exists; choose another output directory or pass --force to replace it')
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.tmp-', dir=parent)
-  target = os.path.join(staging, 'model')
-  try:
+  directory = os.path.abspath(os.path.expanduser(directory))
+  with atomic.staged_dir(directory, replace=force, flag='--force', error=CheckpointError) as new:
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    checkpointer.save(target, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(_to_numpy(variables)), metadata=ocp.args.JsonSave(dict(metadata))))
-    checkpointer.close()
-    if os.path.exists(directory):
-      old = directory + '.old-' + os.path.basename(staging)
-      os.rename(directory, old)
-      os.rename(target, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(target, directory)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+      checkpointer.save(new, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(_to_numpy(variables)), metadata=ocp.args.JsonSave(dict(metadata))))
+    finally:
+      checkpointer.close()
   return directory
 
 

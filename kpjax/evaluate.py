@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kpjax import atomic
 from kpjax import cli
 from kpjax import keypoints as kp
 
@@ -85,17 +86,9 @@ def format_table(m: dict) -> str:
 def write_json(m: dict, path: str) -> None:
   """Writes the metrics as JSON (NaN as null) atomically."""
   clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(clean, f, indent=2)
-      f.write('\n')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  with atomic.open_file(path) as f:
+    json.dump(clean, f, indent=2)
+    f.write('\n')
 
 
 def evaluate_files(annotations: str, predictions: str) -> tuple[dict, list[str]]:

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from kpjax import atomic
 from kpjax import cli
 from kpjax import keypoints as kp
 
@@ -244,7 +245,7 @@ def run(args) -> int:
         drawn = visualize.draw_keypoints(b['image'], p, b['category'], title=b['image_id'])
         visualize.save_png(drawn, drawing_path(args.draw, b['image_id']))
   if rows:
-    csv_io.write_text_atomic(args.out, csv_io.format_submission(rows))
+    atomic.write_text(args.out, csv_io.format_submission(rows))
   seconds = time.perf_counter() - start
   print(f'predicted {len(rows)} of {len(work)} images in {seconds:.1f} s '
         f'({len(rows) / max(seconds, 1e-9):.1f} images/s, compilation included) -> '

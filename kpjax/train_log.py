@@ -8,12 +8,46 @@ import os
 import sys
 import time
 
+from kpjax import atomic
+
+
+class MetricsFileError(ValueError):
+  """A metrics.jsonl line that is not a JSON object; the message names the file and line."""
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+  """The records of a metrics.jsonl file, one JSON object a line.
+
+  Blank lines are skipped, and so is an unparsable last line without a newline (a line still being
+  written, or cut off when a run was killed). Any other bad line raises MetricsFileError naming it:
+  plotting and resuming refuse a damaged log rather than guess what it held.
+  """
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  lines = text.split('\n')  # json.dumps never writes a newline inside a record
+  records = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      reason = None if isinstance(record, dict) else f'a JSON {type(record).__name__}'
+    except json.JSONDecodeError as e:
+      if n == len(lines):  # the last line has no newline yet: being written
+        break
+      reason = e.msg
+    if reason is not None:
+      raise MetricsFileError(f'{os.fspath(path)}:{n}: not a JSON object ({reason}); repair or delete that line')
+    records.append(record)
+  return records
+
 
 class MetricWriter:
   """Appends {'step': s, **scalars} lines to DIR/metrics.jsonl and mirrors them to TensorBoard.
 
   Only one process of a multi-process run writes (enabled=False elsewhere). A resumed run drops the
-  lines of steps after the checkpoint it resumed from, so the file reads as one uninterrupted run.
+  lines of steps after the checkpoint it resumed from, so the file reads as one uninterrupted run; a
+  damaged line stops it with MetricsFileError (see read_metrics).
   """
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
@@ -28,18 +62,8 @@ class MetricWriter:
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def _truncate_after(self, step: int) -> None:
-    kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          if json.loads(line).get('step', 0) <= step:
-            kept.append(line if line.endswith('\n') else line + '\n')
-        except json.JSONDecodeError:
-          continue
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    kept = [r for r in read_metrics(self.path) if r.get('step', 0) <= step]
+    atomic.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:

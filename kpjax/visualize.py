@@ -8,16 +8,16 @@ before drawing so that names stay legible. Nothing here touches JAX.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from kpjax import atomic
 from kpjax import keypoints as kp
+from kpjax.train_log import read_metrics  # the one reader of metrics.jsonl, shared with resuming
 
 LEFT_COLOR = (40, 140, 255)
 RIGHT_COLOR = (255, 60, 60)
@@ -214,27 +214,12 @@ def make_grid(images: Sequence, columns: int = 4, gap: int = 4, background=(255,
   return out
 
 
-def _write_png_atomically(path: str | os.PathLike, write) -> str:
-  """Calls write(tmp_path) on a temporary file beside `path`, then renames it there: no half-written PNG."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.png', dir=directory)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
-
-
 def save_png(image, path: str | os.PathLike) -> str:
   """Writes `image` (PIL or array) to `path` as PNG atomically (temp file + rename); returns the path."""
   pil = image if isinstance(image, Image.Image) else Image.fromarray(to_uint8_image(image))
-  return _write_png_atomically(path, lambda tmp: pil.save(tmp, format='PNG'))
+  with atomic.staged_file(path) as tmp:
+    pil.save(tmp, format='PNG')
+  return os.fspath(path)
 
 
 def save_grid(images: Sequence, path: str | os.PathLike, columns: int = 4, max_cell: int = 512) -> str:
@@ -267,23 +252,6 @@ def save_prediction_grid(path: str | os.PathLike, images: Sequence, preds: Seque
     vis = None if visibilities is None else visibilities[k]
     tiles.append(draw_prediction(image, pred, cat, gt, vis, labels=labels, min_size=min_size))
   return save_grid(tiles, path, columns=columns, max_cell=2 * min_size + 4)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-  """The records of a metrics.jsonl file (one JSON object a line; blank and partial last lines skipped)."""
-  records = []
-  with open(path) as f:
-    lines = f.read().splitlines()
-  for n, text in enumerate(lines):
-    if not text.strip():
-      continue
-    try:
-      records.append(json.loads(text))
-    except json.JSONDecodeError as e:
-      if n == len(lines) - 1:  # a line being written while we read
-        break
-      raise ValueError(f'{path}:{n + 1}: not a JSON object ({e.msg})') from None
-  return records
 
 
 def _series(records: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -332,4 +300,6 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
   for ax in (ax_loss, ax_ne):
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  return _write_png_atomically(out_png, lambda tmp: fig.savefig(tmp, format='png'))
+  with atomic.staged_file(out_png) as tmp:
+    fig.savefig(tmp, format='png')
+  return os.fspath(out_png)

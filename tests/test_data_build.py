@@ -15,6 +15,7 @@ import pytest
 
 from kpjax import keypoints as kp
 from kpjax.data import build, csv_io, fashionai, preprocess, synthetic
+from rename_faults import fail_renames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_TEST = 30, 4
@@ -117,6 +118,16 @@ def small_raw(tmp_path_factory):
   return synthetic.generate(str(tmp_path_factory.mktemp('small') / 'set'), 6, seed=11, num_test=1)
 
 
+def _files(root):
+  """{relative path: bytes} of every file under root."""
+  out = {}
+  for directory, _, names in os.walk(root):
+    for name in names:
+      with open(os.path.join(directory, name), 'rb') as f:
+        out[os.path.relpath(os.path.join(directory, name), root)] = f.read()
+  return out
+
+
 def _csv_rows(root):
   with open(os.path.join(root, 'train', 'Annotations', 'train.csv'), newline='') as f:
     return list(csv.reader(f))
@@ -171,6 +182,27 @@ def _break(root, case):
 
 CASES = ('missing image', 'corrupt image', 'not an image', 'malformed cell', 'column count', 'unknown category',
          'keypoint outside')
+
+
+def test_overwrite_keeps_the_old_dataset_when_the_new_one_fails(small_raw, tmp_path, monkeypatch):
+  data_dir = str(tmp_path / 'data')
+  old = build.build_dataset(small_raw, data_dir, validation_fraction=0.0)
+  before = _files(old.dataset_dir)
+  broken = str(tmp_path / 'broken')
+  shutil.copytree(small_raw, broken)
+  _, expect = _break(broken, 'malformed cell')
+  with pytest.raises(build.BuildError, match=expect):  # the new build fails
+    build.build_dataset(broken, data_dir, overwrite=True)
+  assert _files(old.dataset_dir) == before
+  with monkeypatch.context() as m:  # the new one is complete, but moving it in fails
+    fail_renames(m, old.dataset_dir, {2})
+    with pytest.raises(OSError, match='injected'):
+      build.build_dataset(small_raw, data_dir, validation_fraction=0.5, overwrite=True)
+  assert _files(old.dataset_dir) == before
+  assert os.listdir(os.path.dirname(old.dataset_dir)) == [fashionai.VERSION]  # no staging or aside left
+  assert len(_source(data_dir, 'train')) == old.num_examples['train'] == 6
+  new = build.build_dataset(small_raw, data_dir, validation_fraction=0.5, overwrite=True)
+  assert new.num_examples['train'] < 6 and len(_source(data_dir, 'train')) == new.num_examples['train']
 
 
 @pytest.mark.parametrize('case', CASES)

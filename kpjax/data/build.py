@@ -11,18 +11,18 @@ data_dir=<data-dir>)` or `tfds.builder_from_directory` and grain.
 Bad data (a malformed CSV row, an unknown category, a missing or undecodable image, a keypoint outside
 its image) stops the build at the first case with a message naming the file, row and image, and leaves
 nothing behind; with --skip-bad each bad row/image is skipped and listed. Labels are never guessed.
-The dataset is written to a temporary directory inside --data-dir and moved into place only when complete.
+The dataset is written to a temporary directory inside --data-dir and moved into place only when complete;
+with --overwrite the old dataset stays until then, and stays whole if the build or the move fails.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 from typing import Sequence
 
+from kpjax import atomic
 from kpjax import cli
 from kpjax.data.fashionai import BuildError, NAME, VERSION  # BuildError is re-exported here
 
@@ -55,36 +55,30 @@ def build_dataset(manual_dir: str, data_dir: str, *, skip_bad: bool = False, val
   tfds.display_progress_bar(progress)
   manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
   final = dataset_dir(data_dir)
-  if os.path.exists(final) and not overwrite:
-    raise BuildError(f'{final} already exists; remove it or pass --overwrite to rebuild')
+  atomic.check_target(final, replace=overwrite, flag='--overwrite', error=BuildError)
   fashionai.find_sources(manual_dir)  # a clear error before anything is created
-  root = os.path.dirname(os.path.dirname(final))
-  os.makedirs(root, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{NAME}.tmp-', dir=root)
   try:
-    builder = fashionai.FashionaiKeypoints(data_dir=tmp, file_format='array_record', skip_bad=skip_bad,
-                                           validation_fraction=validation_fraction, num_threads=num_threads)
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    try:
-      builder.download_and_prepare(download_dir=os.path.join(tmp, 'downloads'), download_config=config)
-    except BuildError:
-      raise
-    except Exception as e:  # tfds may wrap our error; find it
-      cause = e
-      while cause is not None and not isinstance(cause, BuildError):
-        cause = cause.__cause__ or cause.__context__
-      if cause is None:
+    with atomic.staged_dir(final, replace=overwrite, flag='--overwrite', error=BuildError) as new, \
+        atomic.scratch_dir(final) as work:
+      builder = fashionai.FashionaiKeypoints(data_dir=work, file_format='array_record', skip_bad=skip_bad,
+                                             validation_fraction=validation_fraction, num_threads=num_threads)
+      config = tfds.download.DownloadConfig(manual_dir=manual_dir,
+                                            compute_stats=tfds.download.ComputeStatsMode.SKIP)
+      try:
+        builder.download_and_prepare(download_dir=os.path.join(work, 'downloads'), download_config=config)
+      except BuildError:
         raise
-      raise BuildError(str(cause)) from None
-    built = os.path.join(tmp, NAME, VERSION)
-    if overwrite and os.path.exists(final):
-      shutil.rmtree(final)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    os.rename(built, final)
-    counts = {name: int(split.num_examples) for name, split in builder.info.splits.items()}
+      except Exception as e:  # tfds may wrap our error; find it
+        cause = e
+        while cause is not None and not isinstance(cause, BuildError):
+          cause = cause.__cause__ or cause.__context__
+        if cause is None:
+          raise
+        raise BuildError(str(cause)) from None
+      counts = {name: int(split.num_examples) for name, split in builder.info.splits.items()}
+      os.rename(os.path.join(work, NAME, VERSION), new)  # tfds wrote <work>/<name>/<version>
     return BuildSummary(final, counts, list(builder.bad))
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
     parent = os.path.dirname(final)
     if os.path.isdir(parent) and not os.listdir(parent):
       os.rmdir(parent)  # no empty fashionai_keypoints/ left by a failed build

@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import io
 import os
-import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -161,18 +160,3 @@ def format_submission(rows: Sequence[tuple[str, str, Sequence[str]]]) -> str:
 def annotation_cells(keypoints: np.ndarray, visibility: np.ndarray) -> list[str]:
   """24 `x_y_v` cells from (24, 2) pixels and (24,) visibility."""
   return [format_cell(x, y, v) for (x, y), v in zip(np.asarray(keypoints), np.asarray(visibility))]
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file in the same directory (no half-written file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise

@@ -29,13 +29,12 @@ import glob
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
 
+from kpjax import atomic
 from kpjax import keypoints as kp
 from kpjax.data import augment as augment_lib
 from kpjax.data import modes
@@ -184,23 +183,15 @@ def ensure_synthetic(base_dir: str, num_images: int, seed: int, name: str = 'fas
                                f'{name}/<version>/dataset_info.json under {tfds_dir}); remove it or point '
                                'config.data.synthetic_dir elsewhere')
   from kpjax.data import build, synthetic  # pylint: disable=g-import-not-at-top
-  parent = os.path.dirname(base_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(base_dir)}.tmp-', dir=parent)
-  try:
+  with atomic.staged_dir(base_dir, first_wins=True) as tmp:
     synthetic.generate(os.path.join(tmp, 'raw'), num_images, seed)
     build.build_dataset(os.path.join(tmp, 'raw'), os.path.join(tmp, 'tfds'))
     if find_tfds_dir(os.path.join(tmp, 'tfds'), name) is None:
       raise DatasetNotFoundError(f'building the synthetic dataset wrote no {name}/<version>/dataset_info.json '
                                  f'under {os.path.join(tmp, "tfds")}')
-    try:
-      os.rename(tmp, base_dir)  # atomic; fails if another process's copy is already in place
-    except OSError:
-      if find_tfds_dir(tfds_dir, name) is None:  # not a lost race: a real error
-        raise
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+  if find_tfds_dir(tfds_dir, name) is None:  # ours, or another process's that won the rename
+    raise DatasetNotFoundError(f'{base_dir} appeared while the synthetic dataset was being built, but holds no '
+                               f'{name}/<version>/dataset_info.json under {tfds_dir}; remove it and run again')
   return tfds_dir
 
 

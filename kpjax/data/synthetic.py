@@ -31,14 +31,13 @@ import hashlib
 import io
 import math
 import os
-import shutil
 import sys
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kpjax import atomic
 from kpjax import cli
 from kpjax import keypoints as kp
 from kpjax.data import csv_io
@@ -461,25 +460,15 @@ def generate(out_dir: str, num_images: int, seed: int, num_test: int | None = No
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise ValueError(f'{out_dir} already exists and is not empty; choose another --out or remove it')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
-  try:
+  with atomic.staged_dir(out_dir, replace=os.path.isdir(out_dir)) as tmp:  # an empty one (checked above)
     rows = _write_split(os.path.join(tmp, 'train'), seed, 0, num_images)
-    csv_io.write_text_atomic(os.path.join(tmp, 'train', 'Annotations', 'train.csv'),
-                             csv_io.format_submission(rows))
+    atomic.write_text(os.path.join(tmp, 'train', 'Annotations', 'train.csv'), csv_io.format_submission(rows))
     test_rows = _write_split(os.path.join(tmp, 'test'), seed, _TEST_STREAM, num_test)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator='\n')
     writer.writerow(csv_io.HEADER[:2])
     writer.writerows((image_id, category) for image_id, category, _ in test_rows)
-    csv_io.write_text_atomic(os.path.join(tmp, 'test', 'test.csv'), buf.getvalue())
-    if os.path.isdir(out_dir):
-      os.rmdir(out_dir)  # empty (checked above)
-    os.rename(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    atomic.write_text(os.path.join(tmp, 'test', 'test.csv'), buf.getvalue())
   return out_dir
 
 
