@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from kpjax import backbone as backbone_lib
 from kpjax import checkpoint as ckpt_lib
 from kpjax import keypoints
 from kpjax import parallel
@@ -57,6 +58,9 @@ def check_config(config, num_devices: int) -> None:
   ts.build_model(config)  # raises for an unknown compute_dtype
   if config.remat and not hasattr(jax.checkpoint_policies, config.remat_policy):
     raise ValueError(f'unknown config.remat_policy {config.remat_policy!r}; expected a jax.checkpoint_policies name')
+  if config.init_backbone and config.init_from:
+    raise ValueError('config.init_backbone and config.init_from are both set: start from the VGG19 backbone '
+                     '(init_backbone) or from a whole converted model (init_from), not both')
 
 
 def _checkpoint_manager(workdir: str, config):
@@ -116,6 +120,18 @@ def _init_from(path: str, config, state: ts.TrainState) -> ts.TrainState:
   if jax.tree_util.tree_structure(variables['params']) != fresh:
     raise ValueError(f'init_from {path}: its parameter tree differs from this model\'s')
   return state.replace(params=jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), variables['params']))
+
+
+def _read_backbone(config, workdir: str) -> dict | None:
+  """The VGG19 layers config.init_backbone names, read and checked against the network before the
+  workdir is touched; None without one, or when the workdir holds a checkpoint (resuming: it wins)."""
+  if not config.init_backbone:
+    return None
+  checkpoints = os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR)
+  if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
+    print(f'note: resuming from {checkpoints}; config.init_backbone is ignored (the checkpoint wins)', flush=True)
+    return None
+  return backbone_lib.read_for_model(config.init_backbone, ts.build_model(config))
 
 
 class _StopRequest:
@@ -210,6 +226,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   mesh = parallel.make_mesh()
   check_config(config, mesh.devices.size)
+  pretrained = _read_backbone(config, workdir)
   process, num_processes = jax.process_index(), jax.process_count()
   print(f'devices: {jax.device_count()}, processes: {num_processes} ({jax.devices()[0].platform}); '
         f'workdir: {workdir}', flush=True)
@@ -226,6 +243,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if start == 0 and config.init_from:
     state = _init_from(config.init_from, config, state)
     state = state.replace(opt_state=optimizer.init(state.params))
+  if start == 0 and pretrained is not None:
+    state = state.replace(params=backbone_lib.copy_into(state.params, pretrained))
+    state = state.replace(opt_state=optimizer.init(state.params))
+    print(f'backbone: conv1_1 .. conv5_2 from {config.init_backbone}', flush=True)
   train_iter = pipeline.train_iterator(config, train_source, seed=int(config.seed), shard_index=process,
                                        shard_count=num_processes)
   if data_state is not None:

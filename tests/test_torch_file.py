@@ -197,7 +197,7 @@ def test_kpjax_reads_torch_files_where_torch_is_missing(tmp_path):
   np.save(tmp_path / 'want.npy', state['w'].numpy())
   code = ('import sys; sys.modules["torch"] = None\n'  # any `import torch` now fails
           'import numpy as np\n'
-          'from kpjax import torch_file\n'
+          'from kpjax import torch_file, backbone, train\n'
           f'got = torch_file.read_state_dict({str(tmp_path / "w.pth")!r})["w"]\n'
           f'assert np.array_equal(got, np.load({str(tmp_path / "want.npy")!r}))\n'
           'print("ok")\n')
