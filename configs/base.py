@@ -87,6 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   # torchvision's VGG19 ImageNet state dict (vgg19-dcbb9e9d.pth) for conv1_1 .. conv5_2 of a fresh run
   # (needs model.width = 1; ignored when resuming; not with init_from). '' = all layers from scratch.
   config.init_backbone = ''
+  # Learning rate of those 14 pretrained layers relative to the others (1.0 = the same).
+  config.backbone_lr_multiplier = 1.0
   config.num_vis_images = 8  # validation predictions drawn at each evaluation
 
   return config

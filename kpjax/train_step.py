@@ -6,6 +6,7 @@ signature stable.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kpjax import backbone
 from kpjax import keypoints
 from kpjax import losses
 from kpjax import xla_options
@@ -66,9 +68,19 @@ def make_schedule(config) -> optax.Schedule:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Gradient clipping by global norm, then Adam(W) or RMSprop on `make_schedule(config)`."""
+  """Gradient clipping by global norm (of all parameters), then Adam(W) or RMSprop on `make_schedule(config)`.
+
+  config.backbone_lr_multiplier != 1 scales the updates of the VGG19 layers (kpjax.backbone.pretrained_layers)
+  by it, after the global clipping: that is training them at learning rate * multiplier, since the updates
+  of Adam(W) and RMSprop, weight decay included, are proportional to the learning rate. The optimizer
+  state is the same whatever the multiplier (a run may change it when resuming), and at 1 the optimizer
+  is exactly the one without the option.
+  """
   if config.optimizer not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer {config.optimizer!r}; expected one of {", ".join(OPTIMIZERS)}')
+  multiplier = float(config.backbone_lr_multiplier)
+  if not (multiplier >= 0 and math.isfinite(multiplier)):
+    raise ValueError(f'config.backbone_lr_multiplier must be a finite number >= 0; got {multiplier}')
   schedule = make_schedule(config)
   parts = []
   if config.grad_clip_norm > 0:
@@ -80,7 +92,20 @@ def make_optimizer(config) -> optax.GradientTransformation:
     parts.append(optax.rmsprop(schedule, decay=float(config.rmsprop_decay), eps=1e-8, eps_in_sqrt=False))
     if config.weight_decay:
       parts.insert(-1, optax.add_decayed_weights(float(config.weight_decay)))
+  if multiplier != 1.0:
+    parts[-1] = _scale_backbone_updates(parts[-1], multiplier)
   return optax.chain(*parts)
+
+
+def _scale_backbone_updates(inner: optax.GradientTransformation, multiplier: float) -> optax.GradientTransformation:
+  """`inner` with the updates of the pretrained VGG19 layers times `multiplier`; its state is inner's own."""
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    labels = backbone.param_labels(updates)
+    return jax.tree_util.tree_map(lambda u, label: u * multiplier if label == 'backbone' else u, updates, labels), state
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 def create_train_state(config, rng: jax.Array, model: CoordRegressionNetwork,

@@ -1,6 +1,6 @@
 """config.init_backbone: torchvision's VGG19 ImageNet weights fill exactly KPDEM's 14 VGG layers (OIHW ->
 HWIO), everything else keeps its fresh initialisation; other files and networks are refused by name,
-before the workdir is touched.
+before the workdir is touched; backbone_lr_multiplier trains those layers slower after global clipping.
 
 The VGG state dicts are built here with torchvision's keys and shapes (random VGG19 convs; a small
 classifier). The other VGGs are saved as expanded (stride-0) tensors, so that their files stay tiny.
@@ -12,7 +12,9 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -196,7 +198,7 @@ def test_training_starts_from_vgg19_and_resuming_ignores_it(vgg19, tmp_path, mon
   monkeypatch.setattr(ts, 'create_train_state', lambda *a, **k: created.append(jax.device_get(create(*a, **k))) or
                       created[-1])
   workdir = str(tmp_path / 'run')
-  config = _config(init_backbone=paths['legacy'])
+  config = _config(init_backbone=paths['legacy'], backbone_lr_multiplier=0.5)
   assert train.train_and_evaluate(config, workdir)['step'] == 1
   assert 'backbone: conv1_1 .. conv5_2 from' in capsys.readouterr().out
   variables, _ = ckpt_lib.load_model(workdir)  # step 1 at learning rate 0: the weights training started from
@@ -235,3 +237,58 @@ def test_cli_refusal_is_one_error_line(tmp_path):
   assert result.stderr.startswith('error: config.init_backbone ') and 'that is VGG16' in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert not workdir.exists()
+
+
+# ---- backbone_lr_multiplier ----------------------------------------------------------------------------
+
+def _toy_params():
+  """A tree with one pretrained layer and two others, at the paths the network uses."""
+  return {'fcn': {'model1_0_0': {'conv1_1': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}},
+                  'model1_1': {'conv6_1_CPM': {'kernel': jnp.ones((4,))}}},
+          'hm_conv': {'kernel': jnp.ones((2,))}}
+
+
+@pytest.mark.parametrize('optimizer,weight_decay', [('adam', 0.0), ('adam', 1e-4), ('rmsprop', 1e-4)])
+def test_multiplier_one_is_the_optimizer_without_the_option(optimizer, weight_decay):
+  """At 1: the chain kpjax built before the option existed (same state, same updates); other multipliers
+  keep that state, so checkpoints restore whatever the multiplier (the training test resumes across one)."""
+  config = fx.tiny_config(optimizer=optimizer, weight_decay=weight_decay)
+  schedule = ts.make_schedule(config)
+  if optimizer == 'adam':
+    rule = [optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)]
+  else:
+    rule = [optax.add_decayed_weights(weight_decay), optax.rmsprop(schedule, decay=0.9, eps=1e-8, eps_in_sqrt=False)]
+  before = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), *rule)
+  params = _toy_params()
+  assert (jax.tree_util.tree_structure(ts.make_optimizer(config).init(params))
+          == jax.tree_util.tree_structure(before.init(params)))
+  grads = jax.tree_util.tree_map(lambda x: x * 0.3, params)
+  opt = ts.make_optimizer(config)
+  got, _ = opt.update(grads, opt.init(params), params)
+  want, _ = before.update(grads, before.init(params), params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  slower = ts.make_optimizer(fx.tiny_config(optimizer=optimizer, weight_decay=weight_decay, backbone_lr_multiplier=0.5))
+  assert jax.tree_util.tree_structure(slower.init(params)) == jax.tree_util.tree_structure(before.init(params))
+
+
+def test_multiplier_scales_the_pretrained_layers_after_global_clipping():
+  """Adam's first step is -lr * g / (|g| + eps), times the multiplier for the pretrained layers: with
+  gradients clipped near eps it shows the clipping scale, which must come from the global norm of all
+  parameters (not of each group)."""
+  lr, clip, multiplier = 1e-3, 1e-7, 0.1
+  config = fx.tiny_config(learning_rate=lr, warmup_steps=0, schedule='constant', grad_clip_norm=clip,
+                          backbone_lr_multiplier=multiplier)
+  params = _toy_params()
+  grads = jax.tree_util.tree_map(lambda x: x * 5.0, params)
+  grads['hm_conv']['kernel'] = jnp.array([30.0, -40.0])
+  optimizer = ts.make_optimizer(config)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree_util.tree_leaves(grads)))
+  clipped = {key: g * clip / norm for key, g in _flat(grads).items()}
+  for key, u in _flat(updates).items():
+    scale = lr * (multiplier if key[:3] == ('fcn', 'model1_0_0', 'conv1_1') else 1.0)
+    want = -scale * clipped[key] / (np.abs(clipped[key]) + 1e-8)
+    np.testing.assert_allclose(u, want, rtol=1e-5, err_msg=str(key))
+  with pytest.raises(ValueError, match='backbone_lr_multiplier must be a finite number >= 0'):
+    ts.make_optimizer(fx.tiny_config(backbone_lr_multiplier=-1.0))
+
