@@ -88,6 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3  # latest kept; the best by eval/ne is kept besides
   config.init_from = ''  # a converted checkpoint directory to start from (fine-tuning)
+  # torchvision's VGG19 ImageNet state dict (vgg19-dcbb9e9d.pth) for conv1_1 .. conv5_2 of a fresh run
+  # (needs model.width = 1; ignored when resuming; not with init_from). '' = all layers from scratch.
+  config.init_backbone = ''
+  # Learning rate of those 14 pretrained layers relative to the others (1.0 = the same).
+  config.backbone_lr_multiplier = 1.0
   config.num_vis_images = 8  # validation predictions drawn at each evaluation
 
   return config

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import pickle
-import pickletools
 import re
 import struct
 import zipfile
@@ -33,7 +31,9 @@ from typing import Any, Mapping
 
 import torch
 from torch import _weights_only_unpickler
-from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+
+from kpjax import torch_file
+from kpjax.torch_file import pickle_globals
 
 # Module classes a KPDEM whole-module pickle contains. Each becomes an inert stand-in.
 MODULE_CLASSES = (
@@ -56,13 +56,12 @@ LEGACY_BACKEND = 'torch.nn.backends.thnn._get_thnn_function_backend'
 WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net', 'network', 'model_state', 'module')
 PREFIXES = ('module.', '_orig_mod.')
 
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
 _MAX_DEPTH = 64
 
 
-class TorchCheckpointError(ValueError):
-  """A file that is missing, damaged or not a (KPDEM) PyTorch checkpoint; the message says which."""
+# A file that is missing, damaged or not a (KPDEM) PyTorch checkpoint; the message says which. The
+# same type as kpjax.torch_file's errors, whose file sniffing and legacy header reading this module shares.
+TorchCheckpointError = torch_file.TorchFileError
 
 
 class UnsafeCheckpointError(TorchCheckpointError):
@@ -137,33 +136,7 @@ def sha256_file(path: str) -> str:
   return digest.hexdigest()
 
 
-# ---- Scanning: which globals does a pickle name? (parsing only, nothing is built) -------------------
-
-def _map_global(module: str, name: str) -> str:
-  if (module, name) in NAME_MAPPING:
-    module, name = NAME_MAPPING[(module, name)]
-  elif module in IMPORT_MAPPING:
-    module = IMPORT_MAPPING[module]
-  return f'{module}.{name}'
-
-
-def pickle_globals(data: bytes | io.BufferedIOBase) -> list[str]:
-  """Every global a pickle refers to (GLOBAL / STACK_GLOBAL opcodes), by parsing its opcodes.
-
-  Reads one pickle (up to its STOP) from `data`, a bytes object or a file positioned at it.
-  """
-  stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-  names, strings = [], []
-  for opcode, arg, _ in pickletools.genops(stream):
-    if opcode.name == 'GLOBAL':
-      module, name = arg.split(' ', 1)
-      names.append(_map_global(module, name))
-    elif opcode.name == 'STACK_GLOBAL':  # protocol 4: module and name are the last two strings pushed
-      names.append(_map_global(*strings[-2:]) if len(strings) >= 2 else '<STACK_GLOBAL of unknown name>')
-    elif isinstance(arg, str) and 'UNICODE' in opcode.name:
-      strings.append(arg)
-  return names
-
+# ---- Scanning: which globals does a pickle name? (torch_file.pickle_globals: parsing only) -----------
 
 def _refuse_unsafe(path: str, names: list[str]) -> None:
   allowed = _allowed_globals()
@@ -217,22 +190,15 @@ def _torch_load(path: str) -> Any:
 
 # ---- Legacy format (PyTorch < 1.6, e.g. the released models) ----------------------------------------
 
-class _RestrictedUnpickler(pickle.Unpickler):
-  """pickle.Unpickler whose globals can only be allowlisted objects; reads torch's legacy storage ids."""
+class _RestrictedUnpickler(torch_file.RestrictedUnpickler):
+  """An unpickler whose globals can only be allowlisted objects; reads torch's legacy storage ids."""
+  unsafe_error = UnsafeCheckpointError
 
   def __init__(self, file, path: str, storages: dict, max_bytes: int | None = None):
-    super().__init__(file, encoding='utf-8')
-    self._path = path
+    super().__init__(file, path, _allowed_globals())
     self._max_bytes = max_bytes  # a storage cannot hold more than the file does
     self._storages = storages  # root key -> (untyped storage, dtype)
     self._views = {}
-    self._allowed = _allowed_globals()
-
-  def find_class(self, module, name):
-    full = _map_global(module, name)
-    if full not in self._allowed:
-      raise UnsafeCheckpointError(self._path, [full])
-    return self._allowed[full]
 
   def persistent_load(self, pid):
     if not isinstance(pid, tuple) or not pid:
@@ -275,32 +241,10 @@ def _load_legacy(path: str) -> Any:
     return _load_legacy_modules(path)
 
 
-def _read_header(f, path: str) -> None:
-  """Reads a legacy file's magic number, protocol and sys_info pickles, leaving `f` at the main pickle."""
-  try:
-    magic = _RestrictedUnpickler(f, path, {}).load()
-  except Exception:
-    magic = None
-  if magic != _LEGACY_MAGIC:
-    raise TorchCheckpointError(f'{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a '
-                               'legacy torch.save pickle)')
-  try:
-    protocol = _RestrictedUnpickler(f, path, {}).load()
-    sys_info = _RestrictedUnpickler(f, path, {}).load()
-  except UnsafeCheckpointError:
-    raise
-  except Exception as e:
-    raise TorchCheckpointError(f'{path}: damaged or truncated legacy checkpoint ({type(e).__name__}: {e})') from None
-  if protocol != _LEGACY_PROTOCOL:
-    raise TorchCheckpointError(f'{path}: unsupported legacy checkpoint protocol {protocol!r}')
-  if isinstance(sys_info, dict) and sys_info.get('little_endian') is False:
-    raise TorchCheckpointError(f'{path} was saved on a big-endian machine; re-save it on a little-endian one')
-
-
 def _scan_legacy(path: str) -> None:
   """Refuses a legacy file whose main pickle names a disallowed global, before anything is unpickled."""
   with open(path, 'rb') as f:
-    _read_header(f, path)
+    torch_file.read_legacy_header(f, path)
     try:
       names = pickle_globals(f)
     except Exception as e:
@@ -312,19 +256,19 @@ def _load_legacy_modules(path: str) -> Any:
   """Reads a legacy whole-module pickle with `_RestrictedUnpickler`, then the raw storages after it."""
   storages: dict = {}
   with open(path, 'rb') as f:
-    _read_header(f, path)
+    torch_file.read_legacy_header(f, path)
     try:
       size = os.path.getsize(path)
       result = _RestrictedUnpickler(f, path, storages, max_bytes=size).load()
       keys = _RestrictedUnpickler(f, path, storages).load()
       for key in keys:  # each storage: int64 element count, then its bytes (little-endian)
         untyped, dtype = storages[key]
-        count = struct.unpack('<q', _read_exactly(f, 8))[0]
+        count = struct.unpack('<q', torch_file.read_exactly(f, 8, path))[0]
         nbytes = count * torch._utils._element_size(dtype)
         if nbytes != untyped.nbytes():
           raise TorchCheckpointError(f'{path}: storage {key} holds {nbytes} bytes, its tensors need {untyped.nbytes()}')
         if nbytes:
-          data = torch.frombuffer(bytearray(_read_exactly(f, nbytes)), dtype=torch.uint8)
+          data = torch.frombuffer(bytearray(torch_file.read_exactly(f, nbytes, path)), dtype=torch.uint8)
           torch.empty(0, dtype=torch.uint8).set_(untyped).copy_(data)
     except TorchCheckpointError:
       raise
@@ -333,36 +277,11 @@ def _load_legacy_modules(path: str) -> Any:
   return result
 
 
-def _read_exactly(f, n: int) -> bytes:
-  data = f.read(n)
-  if len(data) != n:
-    raise TorchCheckpointError(f'{f.name} is truncated: expected {n} more bytes of tensor data, found {len(data)}; '
-                               'is the download complete?')
-  return data
-
-
 def load_object(path: str) -> tuple[Any, str]:
   """Safely unpickles a torch.save file -> (object, 'zip' | 'legacy'); modules come back as stand-ins."""
-  if not os.path.exists(path):
-    raise TorchCheckpointError(f'{path} does not exist; expected a PyTorch checkpoint file (.pt/.pth)')
-  if os.path.isdir(path):
-    raise TorchCheckpointError(f'{path} is a directory; expected a PyTorch checkpoint file (.pt/.pth)')
-  try:
-    with open(path, 'rb') as f:
-      head = f.read(4)
-  except OSError as e:
-    raise TorchCheckpointError(f'cannot read {path}: {e.strerror}') from None
-  if not head:
-    raise TorchCheckpointError(f'{path} is empty; expected a PyTorch checkpoint file')
-  if head == b'PK\x03\x04':
-    if not zipfile.is_zipfile(path):
-      raise TorchCheckpointError(f'{path} is truncated or damaged: it starts like a torch.save zip archive but has no '
-                                 'zip directory at its end; is the download complete?')
+  if torch_file.file_format(path) == 'zip':
     return _load_zip(path), 'zip'
-  if head[:1] == b'\x80':  # a pickle's PROTO opcode: the legacy format
-    return _load_legacy(path), 'legacy'
-  raise TorchCheckpointError(f'{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a '
-                             'legacy torch.save pickle)')
+  return _load_legacy(path), 'legacy'
 
 
 # ---- From the unpickled object to a state_dict ---------------------------------------------------

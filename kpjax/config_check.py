@@ -9,6 +9,7 @@ machine is known (kpjax.train).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -90,7 +91,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('sigma_t', lambda v: _is_number(v) and v > 0, 'a positive number (input pixels)'),
     ('js_weight', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
     ('optimizer', _one_of(OPTIMIZERS), f'one of {", ".join(OPTIMIZERS)}'),
-    ('learning_rate', lambda v: _is_number(v) and v > 0, 'a positive number'),
+    ('learning_rate', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (the peak)'),
     ('warmup_steps', _non_negative_int, 'an integer >= 0'),
     ('schedule', _one_of(SCHEDULES), f'one of {", ".join(SCHEDULES)}'),
     ('weight_decay', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
@@ -107,6 +108,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('keep_checkpoints', _positive_int, 'a positive integer'),
     ('num_vis_images', _non_negative_int, 'an integer >= 0'),
     ('init_from', lambda v: isinstance(v, str), 'a path, or empty'),
+    ('init_backbone', lambda v: isinstance(v, str), "a path to torchvision's VGG19 state dict, or empty"),
+    ('backbone_lr_multiplier', lambda v: _is_number(v) and math.isfinite(v) and v >= 0, 'a finite number >= 0'),
 )
 
 
@@ -129,6 +132,9 @@ def check_config(config, training: bool = True) -> Any:
     present, value = _lookup(config, field)
     if present and not test(value):
       raise ConfigError(f'config.{field} = {value!r}: expected {expected}')
+  if config.get('init_backbone') and config.get('init_from'):
+    raise ConfigError('config.init_backbone and config.init_from are both set: start from the VGG19 backbone '
+                      '(init_backbone) or from a whole converted model (init_from), not both')
   if not training or not config.augment.enabled or modes.get(config.preprocessing).supports_augmentation:
     return config
   raise ConfigError(f'config.augment.enabled = True with config.preprocessing = {config.preprocessing!r}: '

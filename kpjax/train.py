@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from kpjax import backbone as backbone_lib
 from kpjax import checkpoint as ckpt_lib
 from kpjax import cli
 from kpjax import config_check
@@ -85,6 +86,18 @@ def _init_from(path: str, spec: spec_lib.ModelSpec, state: ts.TrainState) -> ts.
     print(f'note: {path} was trained with preprocessing={found.preprocessing.name!r}, this run uses '
           f'{spec.preprocessing.name!r}; the first steps will adapt the model to the new input conventions')
   return state.replace(params=jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), variables['params']))
+
+
+def _read_backbone(config, workdir: str) -> dict | None:
+  """The VGG19 layers config.init_backbone names, read and checked against the network before the
+  workdir is touched; None without one, or when the workdir holds a checkpoint (resuming: it wins)."""
+  if not config.init_backbone:
+    return None
+  checkpoints = os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR)
+  if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
+    print(f'note: resuming from {checkpoints}; config.init_backbone is ignored (the checkpoint wins)', flush=True)
+    return None
+  return backbone_lib.read_for_model(config.init_backbone, ts.build_model(config))
 
 
 class _StopRequest:
@@ -179,6 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   check_devices(config, mesh.devices.size)
   spec = spec_lib.ModelSpec.from_config(config)
+  pretrained = _read_backbone(config, workdir)
   process, num_processes = jax.process_index(), jax.process_count()
   print(f'devices: {jax.device_count()}, processes: {num_processes} ({jax.devices()[0].platform}); '
         f'workdir: {workdir}', flush=True)
@@ -195,6 +209,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if start == 0 and config.init_from:
     state = _init_from(config.init_from, spec, state)
     state = state.replace(opt_state=optimizer.init(state.params))
+  if start == 0 and pretrained is not None:
+    state = state.replace(params=backbone_lib.copy_into(state.params, pretrained))
+    state = state.replace(opt_state=optimizer.init(state.params))
+    print(f'backbone: conv1_1 .. conv5_2 from {config.init_backbone}', flush=True)
   train_iter = pipeline.train_iterator(
       train_source, spec, config.data, global_batch_size=int(config.batch_size),
       augment=augment_lib.AugmentConfig.from_config(config.augment), seed=int(config.seed),

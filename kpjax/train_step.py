@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kpjax import backbone
 from kpjax import losses
 from kpjax import xla_options
 from kpjax.model import CoordRegressionNetwork, init_variables
@@ -57,7 +58,16 @@ def make_schedule(config) -> optax.Schedule:
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Gradient clipping by global norm, then Adam(W) or RMSprop on `schedule` (make_schedule(config))."""
+  """Gradient clipping by global norm (of all parameters), then Adam(W) or RMSprop on `schedule`
+  (make_schedule(config)).
+
+  config.backbone_lr_multiplier != 1 scales the updates of the VGG19 layers (kpjax.backbone.pretrained_layers)
+  by it, after the global clipping: that is training them at learning rate * multiplier, since the updates
+  of Adam(W) and RMSprop, weight decay included, are proportional to the learning rate. The optimizer
+  state is the same whatever the multiplier (a run may change it when resuming), and at 1 the optimizer
+  is exactly the one without the option.
+  """
+  multiplier = float(config.backbone_lr_multiplier)
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
@@ -68,7 +78,20 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
     parts.append(optax.rmsprop(schedule, decay=float(config.rmsprop_decay), eps=1e-8, eps_in_sqrt=False))
     if config.weight_decay:
       parts.insert(-1, optax.add_decayed_weights(float(config.weight_decay)))
+  if multiplier != 1.0:
+    parts[-1] = _scale_backbone_updates(parts[-1], multiplier)
   return optax.chain(*parts)
+
+
+def _scale_backbone_updates(inner: optax.GradientTransformation, multiplier: float) -> optax.GradientTransformation:
+  """`inner` with the updates of the pretrained VGG19 layers times `multiplier`; its state is inner's own."""
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    labels = backbone.param_labels(updates)
+    return jax.tree_util.tree_map(lambda u, label: u * multiplier if label == 'backbone' else u, updates, labels), state
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 def create_train_state(model: CoordRegressionNetwork, optimizer: optax.GradientTransformation, rng: jax.Array,
