@@ -136,7 +136,7 @@ def evaluate_model(config, checkpoint_path: str, split: str | None = None, batch
     raise EvaluationError(f'--batch-size must be at least 1; got {batch_size}')
   if max_images < 0:
     raise EvaluationError(f'--max-images must be >= 0 (0 = all); got {max_images}')
-  model, variables, spec = inference.load_predictor(checkpoint_path, config, step=step)
+  model, variables, spec, _ = inference.load_predictor(checkpoint_path, config, step=step)
   # A training workdir holds the synthetic data it trained on (config.data.synthetic_dir = '').
   workdir = checkpoint_path if os.path.isdir(os.path.join(checkpoint_path, 'checkpoints')) else None
   source = pipeline.get_source(config.data, split or config.data.eval_split, workdir=workdir)

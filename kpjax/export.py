@@ -15,28 +15,18 @@ on an error, with one `error:` line and nothing written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import secrets
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import kpjax
+from kpjax import atomic
 from kpjax import cli
 from kpjax import keypoints as kp
 
 FORMATS = ('onnx', 'stablehlo')
 EXTRA_HINT = "pip install 'kpjax[export]'"
-PREPROCESSING = {  # what the input must be and what coords mean, per metadata 'preprocessing'; {s}: the input side
-    'kpjax': ('RGB image letterboxed into {s}x{s} (scaled to fit with its aspect kept, centred, bilinear, padded '
-              'with the ImageNet mean colour), then (pixel - 255 * [0.485, 0.456, 0.406]) / (255 * [0.229, 0.224, '
-              "0.225]); coords are dsntnn's normalised (x, y) in [-1, 1]: input pixel = ((c + 1) * {s} - 1) / 2, "
-              'then the inverse of the letterbox affine gives original pixels (kpjax.data.preprocess).'),
-    'kpdem': ('RGB image resized to {s}x{s} as skimage.transform.resize does (bilinear, anti-aliased, values in '
-              '[0, 1]), then divided by 255 once more (the original KPDEM script); coords are (x, y) in [0, 1] of '
-              'the image: original pixel = (c_x * W, c_y * H) (kpjax.kpdem).'),
-}
 
 
 class ExportError(ValueError):
@@ -58,8 +48,9 @@ def parse_batch(text: str | int | None) -> int | None:
 
 def artifact_metadata(metadata: Mapping[str, Any], fmt: str, input_size: int, batch: int | None) -> dict[str, Any]:
   """What an exported file says about itself (JSON values): the model, its input and its outputs."""
-  names = list(kp.keypoint_names(metadata['category']))
-  mode = metadata['preprocessing']
+  from kpjax import checkpoint  # pylint: disable=g-import-not-at-top
+  spec = checkpoint.check_metadata(dict(metadata))
+  names = list(kp.keypoint_names(spec.category))
   b = 'B' if batch is None else str(batch)
   info = {
       'format': fmt,
@@ -72,8 +63,9 @@ def artifact_metadata(metadata: Mapping[str, Any], fmt: str, input_size: int, ba
       'input': f'images: float32 ({b}, {input_size}, {input_size}, 3) NHWC, RGB, preprocessed as `preprocessing` says',
       'outputs': (f'coords: float32 ({b}, {len(names)}, 2) (x, y) per keypoint in `keypoints` order; heatmaps: '
                   f'float32 ({b}, {len(names)}, {input_size}, {input_size}), each map summing to 1'),
-      'preprocessing': mode,
-      'preprocessing_description': PREPROCESSING[mode].format(s=int(input_size)),
+      'preprocessing': spec.preprocessing.name,
+      'preprocessing_description': f'S = {input_size} ({input_size}x{input_size} input): '
+                                   f'{spec.preprocessing.description}',
       'width': float(metadata['width']),
       'num_stages': int(metadata['num_stages']),
       'checkpoint_input_size': int(metadata['input_size']),
@@ -102,21 +94,6 @@ def check_variables(model, variables, where: str) -> None:
     if want.get(key) != got.get(key):
       raise ExportError(f'{where} does not hold the network its metadata describes: {key} is '
                         f'{got.get(key, "missing")} in the checkpoint, {want.get(key, "not a parameter")} expected')
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file in the same folder (created with the umask's
-  permissions, unlike mkstemp's 0600) and a rename."""
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{secrets.token_hex(4)}')
-  try:
-    with open(tmp, 'xb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
 
 
 def _import_onnx_builder():
@@ -154,18 +131,20 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
   for path in paths:
     if os.path.isdir(path):
       raise ExportError(f'{path} is a directory; --out names the file to write')
-    if os.path.exists(path) and not force:
-      raise ExportError(f'{path} already exists; choose another --out or pass --force to replace it')
+    atomic.check_target(path, replace=force, flag='--force', error=ExportError)
   builder = _import_onnx_builder() if fmt == 'onnx' else None
   from kpjax.data import preprocess  # pylint: disable=g-import-not-at-top
   if input_size is not None:
     preprocess.check_input_size(input_size)
+  if config is not None:
+    from kpjax import config_check  # pylint: disable=g-import-not-at-top
+    config_check.check_config(config, training=False)
 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from kpjax import inference  # pylint: disable=g-import-not-at-top
-  model, variables, metadata = inference.load_predictor(checkpoint_path, config, step=step)
-  size = preprocess.check_input_size(int(metadata['input_size']) if input_size is None else input_size)
+  model, variables, spec, metadata = inference.load_predictor(checkpoint_path, config, step=step)
+  size = spec.input_size if input_size is None else input_size
   model = model.clone(dtype=jnp.float32, conv_algorithm='direct')  # the portable, PyTorch-exact convolutions
   check_variables(model, variables, checkpoint_path)
   info = artifact_metadata(metadata, fmt, size, batch)
@@ -179,7 +158,7 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
   written = []
   try:
     for path, data in files.items():
-      write_bytes_atomic(path, data)
+      atomic.write_bytes(path, data)
       written.append(path)
   except BaseException:
     for path in written:  # a half-finished pair is worse than none
@@ -188,53 +167,35 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
   b = 'batch' if batch is None else batch
   log(f'wrote {out} ({fmt}, {len(files[out]) / 1e6:.1f} MB): images float32 ({b}, {size}, {size}, 3) -> '
       f'coords ({b}, {info["n_locations"]}, 2), heatmaps ({b}, {info["n_locations"]}, {size}, {size}); '
-      f'{metadata["category"]}, preprocessing {metadata["preprocessing"]}'
+      f'{spec.category}, preprocessing {spec.preprocessing.name}'
       + (f'; metadata in {out}.json' if fmt == 'stablehlo' else ''))
   return written
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose usage errors are one `error:` line (exit 2), like every other failure here."""
-
-  def error(self, message):
-    self.exit(2, f'error: {message} (see --help)\n')
-
-
 def parse_args(argv: Sequence[str] | None):
-  parser = _Parser(prog='python -m kpjax.export', description=__doc__.split('\n\n')[0],
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  """The parsed flags (`args.config` loaded or None), or exit status 2 with one `error:` line."""
+  parser = cli.ArgumentParser(prog='python -m kpjax.export', description=__doc__.split('\n\n')[0])
   parser.add_argument('--checkpoint', required=True,
                       help='an exported or converted model directory, a training workdir or one of its steps')
   parser.add_argument('--format', required=True, help='onnx or stablehlo')
   parser.add_argument('--out', required=True, help='the file to write (stablehlo: also FILE.json)')
   parser.add_argument('--input-size', type=int, help="the square input side S (default: the model's input_size)")
   parser.add_argument('--batch', default='dynamic', help="'dynamic' (default) or a fixed batch size")
-  parser.add_argument('--config', help='configs/X.py to check against the model; --config.FIELD=VALUE overrides')
+  parser.add_config_flag(required=False, help_text='configs/X.py to check against the model; --config.FIELD=VALUE '
+                         'overrides its fields')
   parser.add_argument('--step', type=int, help='the checkpoint step of a training workdir (default: latest)')
   parser.add_argument('--force', action='store_true', help='replace --out if it exists')
-  args, rest = parser.parse_known_args(argv)
-  overrides = [a[len('--config.'):] for a in rest if a.startswith('--config.')]
-  unknown = [a for a in rest if not a.startswith('--config.')]
-  if unknown:
-    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
-  if overrides and not args.config:
-    parser.error('--config.FIELD overrides need --config')
-  return args, overrides
+  return cli.parse(parser, argv)
 
 
-def run(args, overrides) -> int:
-  config = None
-  if args.config:
-    from kpjax import inference  # pylint: disable=g-import-not-at-top
-    config = inference.load_config(args.config, overrides)
-  export_model(args.checkpoint, args.format, args.out, config=config, input_size=args.input_size,
+def run(args) -> int:
+  export_model(args.checkpoint, args.format, args.out, config=args.config, input_size=args.input_size,
                batch=args.batch, step=args.step, force=args.force)
   return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args, overrides = parse_args(argv)
-  return cli.run_reporting_errors(run, args, overrides)
+  return cli.run(run, parse_args(argv))
 
 
 if __name__ == '__main__':

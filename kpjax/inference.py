@@ -133,7 +133,7 @@ def evaluate_batches(predict_fn: PredictFn, variables, batches: Iterable[dict],
 
 
 def load_predictor(checkpoint_path: str, config=None, step: int | None = None):
-  """(model, variables, spec) of a checkpoint, checked against `config` when one is given.
+  """(model, variables, spec, metadata) of a checkpoint, checked against `config` when one is given.
 
   The checkpoint's metadata decides the network and its input (`spec`); a config that describes
   another model is an error rather than a silently different model. The config's compute_dtype and
@@ -148,4 +148,4 @@ def load_predictor(checkpoint_path: str, config=None, step: int | None = None):
     kwargs['dtype'] = jnp.dtype(config.compute_dtype)
     if config.model.conv_algorithm:
       kwargs['conv_algorithm'] = config.model.conv_algorithm
-  return spec.build(**kwargs), variables, spec
+  return spec.build(**kwargs), variables, spec, metadata

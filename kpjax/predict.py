@@ -212,7 +212,7 @@ def run(args) -> int:
     print(f'warning: {p}', file=sys.stderr)
   if not items:
     raise UsageError('no images to predict: ' + ('; '.join(problems) if problems else 'none given'))
-  model, variables, spec = inference.load_predictor(args.checkpoint, args.config, step=args.step)
+  model, variables, spec, _ = inference.load_predictor(args.checkpoint, args.config, step=args.step)
   category, size = spec.category, spec.input_size
   work, left_out = assign_categories(items, category, args.category, args.categories)
   if left_out:

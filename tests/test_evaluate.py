@@ -125,7 +125,7 @@ def test_evaluate_batches_scores_a_model_that_finds_the_keypoints(tmp_path):
 
   net_vars = tp.colour_detector_variables((0, 1, 2, 0))
   ckpt = tp._save(tmp_path, 'blob', net_vars, 'skirt')
-  model, variables, spec = inference.load_predictor(ckpt)
+  model, variables, spec, _ = inference.load_predictor(ckpt)
   batches = []
   for h, w, centres in tp.BLOB_CASES[:3]:
     image = tp.blob_image(h, w, centres, sigma=max(h, w) / tp.SIZE * 1.5)

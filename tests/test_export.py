@@ -58,7 +58,7 @@ def images(batch: int, seed: int, scale: float = 1.0) -> np.ndarray:
 
 def kpjax_outputs(variables, x, metadata=META):
   """What kpjax computes: the network as the checkpoint's metadata builds it, run with `apply`."""
-  coords, heatmaps = checkpoint.model_from_metadata(metadata).apply(variables, x)
+  coords, heatmaps = checkpoint.check_metadata(metadata).build().apply(variables, x)
   return np.asarray(coords), np.asarray(heatmaps)
 
 
@@ -150,12 +150,12 @@ def readme_onnx_example() -> str:
 
 @pytest.mark.parametrize('mode', ['kpjax', 'kpdem'])
 def test_readme_onnx_example_gives_kpjax_inputs_and_pixels(model, tmp_path, capsys, monkeypatch, mode):
-  """The README's preprocessing without kpjax equals `prepare_for_model`, its pixels `coords_to_original`."""
+  """The README's preprocessing without kpjax equals the mode's `prepare`, its pixels `coords_to_original`."""
   pytest.importorskip('onnx')
   pytest.importorskip('onnxruntime')
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  from kpjax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from kpjax.data import modes  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.save_model(str(tmp_path / 'model'), model[1], dict(META, preprocessing=mode))
   assert run_cli(['--checkpoint', ckpt, '--format', 'onnx', '--out', tmp_path / 'demo.onnx'], capsys)[0] == 0
   photo = np.random.default_rng(3).integers(0, 256, (75, 101, 3), dtype=np.uint8)  # > 2x the input: box filter
@@ -164,9 +164,9 @@ def test_readme_onnx_example_gives_kpjax_inputs_and_pixels(model, tmp_path, caps
   monkeypatch.chdir(tmp_path)
   scope = {}
   exec(readme_onnx_example(), scope)  # pylint: disable=exec-used
-  want_x, affine = preprocess.prepare_for_model(image, SIZE, mode)
+  want_x, affine = modes.get(mode).prepare(image, SIZE)
   np.testing.assert_allclose(scope['x'], want_x, rtol=0, atol=1e-6)
-  want_xy = preprocess.coords_to_original(scope['coords'][0], affine, SIZE, mode)
+  want_xy = modes.get(mode).coords_to_original(scope['coords'][0], affine, SIZE)
   np.testing.assert_allclose(scope['xy'], want_xy, rtol=0, atol=1e-6 * image.shape[1])
   assert capsys.readouterr().out.count('\n') == N
 
@@ -216,7 +216,8 @@ def test_fixed_batch_input_size_and_a_matching_config(model, tmp_path, capsys):
   out = tmp_path / 'b2.stablehlo'
   code, err = run_cli(['--checkpoint', model[0], '--format', 'stablehlo', '--out', out, '--batch', '2',
                        '--input-size', 16, '--config', os.path.join(ROOT, 'configs/trousers.py'),
-                       f'--config.input_size={SIZE}'], capsys)
+                       f'--config.input_size={SIZE}', f'--config.model.width={WIDTH}',
+                       f'--config.model.num_stages={STAGES}'], capsys)
   assert code == 0, err
   exported = jax.export.deserialize(out.read_bytes())
   assert exported.in_avals[0].shape == (2, 16, 16, 3)
@@ -236,7 +237,7 @@ def test_converted_kpdem_model_exports(tmp_path, capsys):
   torch network itself and with kpjax, on inputs in the original's [0, 1/255] range."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from kpjax.configs import base  # pylint: disable=g-import-not-at-top
   from convert import torch_to_flax  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
 

@@ -159,7 +159,7 @@ def test_flip_maps_back_to_the_same_blob(tmp_path, blob_images):
   """With twins detecting the same colour, the flipped view must land on the same original pixels."""
   _, paths = blob_images
   ckpt = _save(tmp_path, 'twins', colour_detector_variables((0, 0, 2, 2)), 'skirt')
-  model, variables, spec = inference.load_predictor(ckpt)
+  model, variables, spec, _ = inference.load_predictor(ckpt)
   plain = inference.make_predict_fn(model)
   flipped = inference.make_predict_fn(model, flip=True, category='skirt')
   for path, (h, w, centres) in zip(paths, BLOB_CASES):

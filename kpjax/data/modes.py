@@ -70,9 +70,10 @@ class KpjaxPreprocessing(Preprocessing):
   """Letterbox + ImageNet mean/std; dsntnn's [-1, 1] coordinates. Models trained in kpjax."""
   name: ClassVar[str] = 'kpjax'
   description: ClassVar[str] = (
-      'letterbox the RGB image to SxS (aspect kept, centred, padded with the ImageNet mean colour), '
-      'subtract the ImageNet mean and divide by its std (0..255 units); coords are dsntnn normalised '
-      '[-1, 1]: input pixel = ((c + 1) * S - 1) / 2')
+      'RGB image letterboxed into SxS (scaled to fit with its aspect kept, centred, bilinear, padded with the '
+      'ImageNet mean colour), then (pixel - 255 * [0.485, 0.456, 0.406]) / (255 * [0.229, 0.224, 0.225]); '
+      "coords are dsntnn's normalised (x, y) in [-1, 1]: input pixel = ((c + 1) * S - 1) / 2, then the inverse "
+      'of the letterbox affine gives original pixels')
   supports_augmentation: ClassVar[bool] = True
   conv_algorithm: ClassVar[str] = 'auto'
 
@@ -102,8 +103,9 @@ class KpdemPreprocessing(Preprocessing):
   """The original's resize to a square and [0, 1] coordinates (kpjax.kpdem). Converted models."""
   name: ClassVar[str] = 'kpdem'
   description: ClassVar[str] = (
-      "KPDEM's: skimage.transform.resize of the RGB image to SxS (floats in [0, 1]) divided by 255 once "
-      'more; coords are input pixel / S in [0, 1], i.e. original pixel = (c_x * W, c_y * H)')
+      'RGB image resized to SxS as skimage.transform.resize does (bilinear, anti-aliased, values in [0, 1]), '
+      'then divided by 255 once more (the original KPDEM script); coords are (x, y) in [0, 1] of the image: '
+      'original pixel = (c_x * W, c_y * H)')
   supports_augmentation: ClassVar[bool] = False  # the non-aspect-preserving resize has no augmented twin here
   # Direct convolutions: Winograd's position-dependent rounding turns the exact max-pool ties of flat
   # image regions into near-ties decided differently from PyTorch (see kpjax.conv).
