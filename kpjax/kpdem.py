@@ -102,3 +102,30 @@ def coords_to_input_pixels(coords, size: int) -> np.ndarray:
 def input_pixels_to_coords(pixels, size: int) -> np.ndarray:
   """Input pixels (..., L, 2) -> the original's targets (pixels / size, in [0, 1] inside the image)."""
   return np.asarray(pixels, np.float64) / _check_size(size)
+
+
+# ---- Convolutions ----------------------------------------------------------------------------------
+
+def resolve_conv_algorithm(requested: str = 'auto') -> str:
+  """The network's conv_algorithm for a converted model: 'auto' -> 'direct-pooled', anything else as asked.
+
+  Every 2x2 max-pool of KPDEM is undone at once by a max-unpool that keeps the first largest element
+  of the window and zeroes the rest; on flat image regions the windows tie exactly, and which element
+  survives then depends on the last bits of the convolutions before the pool. Direct convolutions
+  compute every output position alike (as the original's do), so exact ties stay exact; Winograd's
+  rounding depends on the position within its 4x4 tiles and breaks them. Measured with
+  benchmarks/pool_ties.py (the full network on 6 plain synthetic garments, 197,172 live first-pool
+  windows of which 57% tie exactly), against torch float32: Winograd ('auto' on a CPU) keeps another
+  element in 67,905 windows and moves the coordinates by up to 139 px (mean 39); 'direct' in 1,346
+  (67 px, mean 25), within what torch shows against itself without oneDNN (1,427; 104 px, mean 21)
+  or in float64 (1,821; 84 px, mean 20). 'direct-pooled' (kpjax.model.block_conv_algorithm) runs
+  the three pooled blocks direct (6% of the multiply-adds) and the rest as 'auto', where every layer
+  is continuous: it decides every tie as 'direct' does (same figures) and is 1.6x as fast on a CPU
+  (the full network's forward pass on 4 64x64 images: 'auto' 11.2 s, 'direct-pooled' 13.2, 'direct'
+  20.7, on the busy 2-core machine).
+  'direct' or 'winograd' may still be asked for; on GPU/TPU 'auto' is XLA's convolution anyway.
+  """
+  from kpjax import model as model_lib  # pylint: disable=g-import-not-at-top  (jax only when asked)
+  if requested not in model_lib.CONV_ALGORITHMS:
+    raise ValueError(f'conv_algorithm must be one of {model_lib.CONV_ALGORITHMS}; got {requested!r}')
+  return 'direct-pooled' if requested == 'auto' else requested
