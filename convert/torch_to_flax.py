@@ -8,7 +8,9 @@ wrapping dicts, `module.`/`_orig_mod.` prefixes; nothing in the file runs), infe
 and num_stages from its shapes, checks them against the config, converts every tensor exactly once
 (conv weights OIHW -> HWIO, convert.layout) and writes an exported kpjax model directory
 (kpjax.checkpoint.save_model: atomic) whose metadata records the source file, its SHA-256 and the
-input conventions: preprocessing 'kpdem' at 64x64 by default, the original's (kpjax.kpdem).
+input conventions: preprocessing 'kpdem' at 64x64 by default, the original's (kpjax.kpdem), and for
+'kpdem' the targets the model was trained on (`kpdem_targets`: 'truncated' by default, as the
+released models were; 'exact' for a model retrained on unrounded targets).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from convert import torch_loading
 from convert.layout import Architecture, LayoutError
 from kpjax import checkpoint
 from kpjax import keypoints
+from kpjax import kpdem
 
 DEFAULT_INPUT_SIZE = 64  # the published training script's square input
 DEFAULT_PREPROCESSING = 'kpdem'
@@ -165,7 +168,7 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
 
 def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: str = 'the config',
                        input_size: int = DEFAULT_INPUT_SIZE, preprocessing: str = DEFAULT_PREPROCESSING,
-                       force: bool = False, verify: bool = False,
+                       kpdem_targets: str = kpdem.CONVERTED_TARGETS, force: bool = False, verify: bool = False,
                        log: Callable[[str], None] = print) -> tuple[str, dict[str, Any]]:
   """The CLI's work: read, check, convert, optionally verify, then write `out` atomically.
 
@@ -178,6 +181,8 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
   if preprocessing not in checkpoint.PREPROCESSING_MODES:
     raise ConversionError(f'--preprocessing must be one of {", ".join(checkpoint.PREPROCESSING_MODES)}; '
                           f'got {preprocessing!r}')
+  if kpdem_targets not in kpdem.TARGETS:
+    raise ConversionError(f'--kpdem-targets must be one of {", ".join(kpdem.TARGETS)}; got {kpdem_targets!r}')
   out_abs = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(out_abs) and not force:  # fail before the (slow) reading and converting
     raise checkpoint.CheckpointError(f'{out_abs} already exists; choose another output directory or pass '
@@ -199,7 +204,8 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
   metadata = checkpoint.model_metadata(
       config, input_size=int(input_size), preprocessing=preprocessing,
       source=os.path.basename(ckpt.path), sha256=ckpt.sha256, source_format=f'{ckpt.container} ({ckpt.file_format})',
-      converter='convert.torch_to_flax')
+      converter='convert.torch_to_flax',
+      **({kpdem.TARGETS_METADATA_KEY: kpdem_targets} if preprocessing == 'kpdem' else {}))
   if verify:
     diffs = compare_with_torch(ckpt.state_dict, variables, expected, int(input_size), preprocessing)
     log(f'verify: largest coordinate difference {diffs["coords"]:.3g}, largest heatmap difference '
@@ -208,7 +214,8 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
       raise ConversionError(f'--verify: the converted model disagrees with the torch one (coordinates differ by '
                             f'{diffs["coords"]:.3g} > {VERIFY_TOLERANCE}); nothing was written')
   path = checkpoint.save_model(out_abs, variables, metadata, force=force)
-  log(f'wrote {path} (preprocessing={preprocessing}, input_size={input_size})')
+  targets = f', kpdem_targets={kpdem_targets}' if preprocessing == 'kpdem' else ''
+  log(f'wrote {path} (preprocessing={preprocessing}, input_size={input_size}{targets})')
   return path, metadata
 
 
@@ -224,8 +231,8 @@ def main(argv):
   cli.quiet_logging()
   try:
     convert_checkpoint(f.config, f['torch-checkpoint'].value, f.out, config_name=config_flags.get_config_filename(f['config']),
-                       input_size=f['input-size'].value, preprocessing=f.preprocessing, force=f.force,
-                       verify=f.verify)
+                       input_size=f['input-size'].value, preprocessing=f.preprocessing,
+                       kpdem_targets=f['kpdem-targets'].value, force=f.force, verify=f.verify)
   except (torch_loading.TorchCheckpointError, ConversionError, checkpoint.CheckpointError, OSError) as e:
     sys.stderr.write(f'error: {e}\n')
     sys.exit(1)
@@ -244,6 +251,10 @@ def _define_flags():
   flags.DEFINE_enum('preprocessing', DEFAULT_PREPROCESSING, list(checkpoint.PREPROCESSING_MODES),
                     "Input conventions recorded in the metadata: 'kpdem' (the original's, for released models) "
                     "or 'kpjax'.")
+  flags.DEFINE_enum('kpdem-targets', kpdem.CONVERTED_TARGETS, list(kpdem.TARGETS),
+                    "With --preprocessing kpdem, the targets the model was trained on, recorded in the metadata: "
+                    "'truncated' (the original's dataset code: floor(x * 64 / W) / 64; outputs are mapped to the "
+                    "cell centre) or 'exact' (x / W, for a model retrained on unrounded targets).")
   flags.DEFINE_bool('force', False, 'Replace --out if it exists (only once the new model is complete).')
   flags.DEFINE_bool('verify', False, 'Run the torch and the converted network on a random image and print the '
                     'largest coordinate and heatmap differences (fails above 1e-3).')

@@ -238,6 +238,7 @@ def test_round_trip_is_bit_identical(net, tmp_path):
   out, metadata = torch_to_flax.convert_checkpoint(config, str(source), str(tmp_path / 'flax'), config_name='cfg',
                                                    log=QUIET)
   assert metadata['preprocessing'] == 'kpdem' and metadata['input_size'] == 64
+  assert metadata['kpdem_targets'] == 'truncated'  # the released models' dataset code truncated the targets
   assert metadata['n_locations'] == N and metadata['width'] == WIDTH and metadata['num_stages'] == STAGES
   assert metadata['source'] == 'trousers.pt' and metadata['sha256'] == torch_loading.sha256_file(str(source))
   variables, loaded_metadata = checkpoint.load_model(out)
@@ -383,6 +384,7 @@ def test_bad_conversion_settings(net, tmp_path):
   torch.save(net.state_dict(), tmp_path / 'w.pt')
   _convert_fails(tmp_path, tmp_path / 'w.pt', 'multiple of 8', input_size=60)
   _convert_fails(tmp_path, tmp_path / 'w.pt', 'preprocessing', preprocessing='imagenet')
+  _convert_fails(tmp_path, tmp_path / 'w.pt', 'kpdem-targets must be one of truncated, exact', kpdem_targets='floor')
   _convert_fails(tmp_path, tmp_path / 'w.pt', 'unknown garment category', config=make_config('hats'))
 
 
@@ -468,9 +470,11 @@ def test_cli_round_trip_and_errors(net, tmp_path):
   torch.save(torch.nn.DataParallel(net), tmp_path / 'trousers.pt', _use_new_zipfile_serialization=False)
   slim = ['--config.model.width=0.125', '--config.model.num_stages=2']
   run = _cli('convert.torch_to_flax', '--config', 'configs/trousers.py', '--torch-checkpoint',
-             str(tmp_path / 'trousers.pt'), '--out', str(tmp_path / 'flax'), '--verify', *slim)
+             str(tmp_path / 'trousers.pt'), '--out', str(tmp_path / 'flax'), '--verify', '--kpdem-targets', 'exact',
+             *slim)
   assert run.returncode == 0, run.stderr
   assert 'largest coordinate difference' in run.stdout and 'wrote' in run.stdout
+  assert checkpoint.load_model(str(tmp_path / 'flax'))[1]['kpdem_targets'] == 'exact'
   run = _cli('convert.flax_to_torch', '--config', 'configs/trousers.py', '--checkpoint', str(tmp_path / 'flax'),
              '--out', str(tmp_path / 'back.pth'), *slim)
   assert run.returncode == 0, run.stderr
