@@ -1,6 +1,6 @@
 """How far kpjax's max-pool decisions and coordinates are from the PyTorch original's on flat images.
 
-  python benchmarks/pool_ties.py                      # the full network, 6 plain garments, ~5 min on 2 cores
+  python benchmarks/pool_ties.py                      # the full network, 6 plain garments (10 min on the busy 2 cores)
   python benchmarks/pool_ties.py --width 0.25 --num-stages 2 --images 4
 
 KPDEM's 2x2 max-pools keep the first largest element of each window; flat image regions make whole

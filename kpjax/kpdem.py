@@ -138,9 +138,10 @@ def resolve_conv_algorithm(requested: str = 'auto') -> str:
   (67 px, mean 25), within what torch shows against itself without oneDNN (1,427; 104 px, mean 21)
   or in float64 (1,821; 84 px, mean 20). 'direct-pooled' (kpjax.model.block_conv_algorithm) runs
   the three pooled blocks direct (6% of the multiply-adds) and the rest as 'auto', where every layer
-  is continuous: it decides every tie as 'direct' does (same figures) and is 1.6x as fast on a CPU
-  (the full network's forward pass on 4 64x64 images: 'auto' 11.2 s, 'direct-pooled' 13.2, 'direct'
-  20.7, on the busy 2-core machine).
+  is continuous: it decides every tie as 'direct' does (same figures) and runs ~1.6x as fast on a
+  CPU, close to 'auto' (the full network's forward pass on 4 64x64 images, best of 5, measured twice
+  on the busy 2-core machine: 'auto' 11.2 and 8.7 s, 'direct-pooled' 13.2 and 8.5, 'direct' 20.7
+  and 14.6).
   'direct' or 'winograd' may still be asked for; on GPU/TPU 'auto' is XLA's convolution anyway.
   """
   from kpjax import model as model_lib  # pylint: disable=g-import-not-at-top  (jax only when asked)
