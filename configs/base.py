@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'kpdem': the original's resize to a square, /255 twice, targets pixel/size in [0, 1]
   # (converted released checkpoints).
   config.preprocessing = 'kpjax'
+  # With 'kpdem': the targets the model learns, the original's 'truncated' floor(x * S / W) / S (the
+  # released models; outputs are read as the centre of their cell) or 'exact' x / W (kpjax.kpdem).
+  config.kpdem_targets = 'truncated'
 
   # ---- Augmentation (training only; keypoints move with the pixels) ----------------------
   config.augment = ml_collections.ConfigDict()

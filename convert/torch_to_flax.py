@@ -8,7 +8,9 @@ wrapping dicts, `module.`/`_orig_mod.` prefixes; nothing in the file runs), infe
 and num_stages from its shapes, checks them against the config, converts every tensor exactly once
 (conv weights OIHW -> HWIO, convert.layout) and writes an exported kpjax model directory
 (kpjax.checkpoint.save_model: atomic) whose metadata records the source file, its SHA-256 and the
-input conventions: preprocessing 'kpdem' at 64x64 by default, the original's (kpjax.kpdem).
+input conventions: preprocessing 'kpdem' at 64x64 by default, the original's (kpjax.kpdem), and for
+'kpdem' the targets the model was trained on (`kpdem_targets`: 'truncated' by default, as the
+released models were; 'exact' for a model retrained on unrounded targets).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kpjax import checkpoint
 from kpjax import cli
 from kpjax import config_check
 from kpjax import keypoints
+from kpjax import kpdem
 from kpjax.data import modes
 from kpjax.spec import ModelSpec
 
@@ -168,7 +171,7 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
 
 def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: str = 'the config',
                        input_size: int = DEFAULT_INPUT_SIZE, preprocessing: str = DEFAULT_PREPROCESSING,
-                       force: bool = False, verify: bool = False,
+                       kpdem_targets: str = kpdem.CONVERTED_TARGETS, force: bool = False, verify: bool = False,
                        log: Callable[[str], None] = print) -> tuple[str, dict[str, Any]]:
   """The CLI's work: read, check, convert, optionally verify, then write `out` atomically.
 
@@ -178,12 +181,16 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
   """
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.input_size, config.preprocessing = input_size, preprocessing
+    config.input_size, config.preprocessing, config.kpdem_targets = input_size, preprocessing, kpdem_targets
   try:
     config_check.check_config(config, training=False)
   except config_check.ConfigError as e:  # the two flags of this command, or a field of the config file
-    raise ConversionError(str(e).replace('config.input_size', '--input-size').replace(
-        'config.preprocessing', '--preprocessing')) from None
+    flags = {'config.input_size': '--input-size', 'config.preprocessing': '--preprocessing',
+             'config.kpdem_targets': '--kpdem-targets'}
+    message = str(e)
+    for field, flag in flags.items():
+      message = message.replace(field, flag)
+    raise ConversionError(message) from None
   spec = ModelSpec.from_config(config)
   out_abs = os.path.abspath(os.path.expanduser(out))
   # fail before the (slow) reading and converting; save_model checks again
@@ -207,14 +214,15 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
       raise ConversionError(f'--verify: the converted model disagrees with the torch one (coordinates differ by '
                             f'{diffs["coords"]:.3g} > {VERIFY_TOLERANCE}); nothing was written')
   path = checkpoint.save_model(out_abs, variables, metadata, force=force)
-  log(f'wrote {path} (preprocessing={spec.preprocessing.name}, input_size={spec.input_size})')
+  log(f'wrote {path} ({", ".join(f"{k}={v}" for k, v in spec.preprocessing.metadata().items())}, '
+      f'input_size={spec.input_size})')
   return path, metadata
 
 
 def _convert(args) -> int:
   convert_checkpoint(args.config, args.torch_checkpoint, args.out, config_name=args.config_file,
-                     input_size=args.input_size, preprocessing=args.preprocessing, force=args.force,
-                     verify=args.verify)
+                     input_size=args.input_size, preprocessing=args.preprocessing, kpdem_targets=args.kpdem_targets,
+                     force=args.force, verify=args.verify)
   return cli.OK
 
 
@@ -230,6 +238,10 @@ def main(argv=None) -> int:
   parser.add_argument('--preprocessing', default=DEFAULT_PREPROCESSING, choices=modes.NAMES,
                       help="input conventions recorded in the metadata: 'kpdem' (the original's, for released "
                       "models) or 'kpjax'")
+  parser.add_argument('--kpdem-targets', default=kpdem.CONVERTED_TARGETS, choices=kpdem.TARGETS,
+                      help="with --preprocessing kpdem, the targets the model was trained on, recorded in the "
+                      "metadata: 'truncated' (the original's dataset code: floor(x * 64 / W) / 64; outputs are "
+                      "mapped to the cell centre) or 'exact' (x / W, for a model retrained on unrounded targets)")
   parser.add_argument('--force', action='store_true',
                       help='replace --out if it exists (only once the new model is complete)')
   parser.add_argument('--verify', action='store_true',

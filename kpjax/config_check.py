@@ -14,15 +14,16 @@ from typing import Any, Callable
 
 import jax
 
-from kpjax import conv
 from kpjax import keypoints
+from kpjax import kpdem
+from kpjax import model
 from kpjax.data import modes
 
 OPTIMIZERS = ('adam', 'rmsprop')
 SCHEDULES = ('cosine', 'step', 'constant')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 DATA_SOURCES = ('tfds', 'synthetic')
-MAX_STAGES = 6
+
 
 
 class ConfigError(ValueError):
@@ -69,10 +70,11 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('input_size', lambda v: _positive_int(v) and v % 8 == 0,
      'a positive multiple of 8 (the network pools 2x2 three times)'),
     ('preprocessing', _one_of(modes.NAMES), f'one of {", ".join(modes.NAMES)}'),
+    ('kpdem_targets', _one_of(kpdem.TARGETS), f'one of {", ".join(kpdem.TARGETS)}'),
     ('model.width', lambda v: _is_number(v) and v > 0, 'a positive number (1.0 = the original network)'),
-    ('model.num_stages', lambda v: _is_int(v) and 1 <= v <= MAX_STAGES, f'an integer in 1..{MAX_STAGES}'),
-    ('model.conv_algorithm', _one_of(('',) + conv.ALGORITHMS),
-     f"'' (the preprocessing mode's default) or one of {', '.join(conv.ALGORITHMS)}"),
+    ('model.num_stages', lambda v: _is_int(v) and 1 <= v <= model.MAX_STAGES, f"an integer in 1..{model.MAX_STAGES}"),
+    ('model.conv_algorithm', _one_of(('',) + model.CONV_ALGORITHMS),
+     f"'' (the preprocessing mode's default) or one of {', '.join(model.CONV_ALGORITHMS)}"),
     ('compute_dtype', _one_of(COMPUTE_DTYPES),
      f'one of {", ".join(COMPUTE_DTYPES)} (float16 is not supported: it needs loss scaling; use bfloat16)'),
     ('remat', lambda v: isinstance(v, bool), 'True or False'),

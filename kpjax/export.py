@@ -63,7 +63,7 @@ def artifact_metadata(metadata: Mapping[str, Any], fmt: str, input_size: int, ba
       'input': f'images: float32 ({b}, {input_size}, {input_size}, 3) NHWC, RGB, preprocessed as `preprocessing` says',
       'outputs': (f'coords: float32 ({b}, {len(names)}, 2) (x, y) per keypoint in `keypoints` order; heatmaps: '
                   f'float32 ({b}, {len(names)}, {input_size}, {input_size}), each map summing to 1'),
-      'preprocessing': spec.preprocessing.name,
+      **spec.preprocessing.metadata(),  # 'preprocessing' (and a kpdem model's 'kpdem_targets')
       'preprocessing_description': f'S = {input_size} ({input_size}x{input_size} input): '
                                    f'{spec.preprocessing.description}',
       'width': float(metadata['width']),

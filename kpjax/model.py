@@ -41,6 +41,8 @@ def refinement_stage(i: int) -> tuple[str, tuple[Layer, ...]]:
 
 NO_RELU = frozenset(['conv6_2_CPM'] + [f'Mconv7_stage{i}' for i in range(2, 7)])
 MAX_STAGES = 6
+# The network's conv_algorithm values: kpjax.conv's, plus 'direct-pooled' (see block_conv_algorithm).
+CONV_ALGORITHMS = conv_lib.ALGORITHMS + ('direct-pooled',)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -77,6 +79,23 @@ def pool_unpool(x: jax.Array) -> jax.Array:
   keep_br = ~(keep_tl | keep_tr | keep_bl)
   keep = jnp.stack([jnp.stack([keep_tl, keep_tr], 3), jnp.stack([keep_bl, keep_br], 3)], 2)
   return jnp.where(keep.reshape(x.shape), x, jnp.zeros((), x.dtype))
+
+
+def block_conv_algorithm(conv_algorithm: str, pooled: bool) -> str:
+  """The kpjax.conv algorithm of one block's convs under the network's `conv_algorithm`.
+
+  'direct-pooled' is 'direct' for the blocks whose output is max-pooled (`pooled`: the first three)
+  and 'auto' after the last pool. A 2x2 max-pool is discontinuous where a window's largest values tie
+  (flat image regions give exact ties), so an algorithm whose rounding depends on the output position
+  (Winograd's tiles) changes which element is kept there, and the network's output can move by many
+  pixels; after the last pool every layer is continuous, so Winograd's ~1e-6 relative rounding only
+  moves the output by as much. 'direct-pooled' is therefore bit-identical to 'direct' up to and
+  including the last pool_unpool, and runs ~94% of the network's multiply-adds (conv4_1 onwards) by
+  'auto'.
+  """
+  if conv_algorithm == 'direct-pooled':
+    return 'direct' if pooled else 'auto'
+  return conv_algorithm
 
 
 class Conv(nn.Module):
@@ -132,13 +151,13 @@ class KeyPointsModel(nn.Module):
     if self.remat:
       block_cls = nn.remat(ConvBlock, policy=getattr(jax.checkpoint_policies, self.remat_policy))
 
-    def block(spec):
+    def block(spec, pooled=False):
       name, layers = spec
-      return block_cls(layers=layers, width=self.width, dtype=self.dtype, conv_algorithm=self.conv_algorithm,
-                       name=name)
+      return block_cls(layers=layers, width=self.width, dtype=self.dtype,
+                       conv_algorithm=block_conv_algorithm(self.conv_algorithm, pooled), name=name)
 
     for i, spec in enumerate(BACKBONE):
-      x = block(spec)(x)
+      x = block(spec, pooled=i < len(BACKBONE) - 1)(x)
       if i < len(BACKBONE) - 1:
         x = pool_unpool(x)
     features = x
@@ -173,7 +192,9 @@ class CoordRegressionNetwork(nn.Module):
     remat: rematerialise each block in the backward pass (jax.checkpoint with `remat_policy`).
     conv_algorithm: 'auto' (Winograd for the 3x3 and 7x7 convs where it pays: float32 on a CPU, >= 64
       channels, images >= 32x32; XLA's convolution elsewhere), 'direct' (always XLA's, the closest match
-      to PyTorch) or 'winograd'; the parameters are the same whichever. See kpjax.conv.
+      to PyTorch), 'winograd', or 'direct-pooled' ('direct' before the max-pools, 'auto' after them:
+      pools decide ties as 'direct' does, see block_conv_algorithm); the parameters are the same
+      whichever. See kpjax.conv.
   """
   n_locations: int
   width: float = 1.0
@@ -192,8 +213,8 @@ class CoordRegressionNetwork(nn.Module):
       raise ValueError(f'n_locations must be at least 1; got {self.n_locations}')
     if self.remat and not hasattr(jax.checkpoint_policies, self.remat_policy):
       raise ValueError(f'unknown remat_policy {self.remat_policy!r}; expected a jax.checkpoint_policies name')
-    if self.conv_algorithm not in conv_lib.ALGORITHMS:
-      raise ValueError(f'conv_algorithm must be one of {conv_lib.ALGORITHMS}; got {self.conv_algorithm!r}')
+    if self.conv_algorithm not in CONV_ALGORITHMS:
+      raise ValueError(f'conv_algorithm must be one of {CONV_ALGORITHMS}; got {self.conv_algorithm!r}')
     self.fcn = KeyPointsModel(self.width, self.num_stages, self.dtype, self.remat, self.remat_policy,
                               self.conv_algorithm)
     self.hm_conv = nn.Conv(self.n_locations, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)

@@ -15,12 +15,12 @@ from typing import Any, Iterable, Mapping
 from kpjax import keypoints
 from kpjax.data import modes
 
-FIELDS = ('category', 'width', 'num_stages', 'input_size', 'preprocessing')
+FIELDS = ('category', 'width', 'num_stages', 'input_size', 'preprocessing', 'kpdem_targets')
 NETWORK_FIELDS = ('category', 'width', 'num_stages')  # what the parameters encode
 REQUIRED_METADATA = ('category', 'n_locations', 'width', 'num_stages', 'input_size', 'preprocessing')
 # The config flag that sets each field (for the fixes error messages suggest).
 _CONFIG_FLAGS = {'width': 'model.width', 'num_stages': 'model.num_stages', 'input_size': 'input_size',
-                 'preprocessing': 'preprocessing'}
+                 'preprocessing': 'preprocessing', 'kpdem_targets': 'kpdem_targets'}
 
 
 class SpecMismatch(ValueError):
@@ -52,7 +52,8 @@ class ModelSpec:
   def from_config(cls, config) -> ModelSpec:
     """The model a (validated, kpjax.config_check) config trains."""
     return cls(category=config.category, width=float(config.model.width), num_stages=int(config.model.num_stages),
-               input_size=int(config.input_size), preprocessing=modes.get(config.preprocessing))
+               input_size=int(config.input_size),
+               preprocessing=modes.get(config.preprocessing, kpdem_targets=config.kpdem_targets))
 
   @classmethod
   def from_metadata(cls, metadata: Mapping[str, Any], where: str = 'metadata') -> ModelSpec:
@@ -88,7 +89,10 @@ class ModelSpec:
                                   **kwargs)
 
   def value(self, field: str) -> Any:
-    return self.preprocessing.name if field == 'preprocessing' else getattr(self, field)
+    """A field's value as configs write it (the preprocessing mode's name; kpdem_targets or None)."""
+    if field in ('preprocessing', 'kpdem_targets'):
+      return self.preprocessing.metadata().get(field)
+    return getattr(self, field)
 
   def check_matches(self, other: ModelSpec, fields: Iterable[str] = FIELDS, *, mine: str = 'the config',
                     theirs: str = 'the checkpoint') -> None:

@@ -238,6 +238,7 @@ def test_round_trip_is_bit_identical(net, tmp_path):
   out, metadata = torch_to_flax.convert_checkpoint(config, str(source), str(tmp_path / 'flax'), config_name='cfg',
                                                    log=QUIET)
   assert metadata['preprocessing'] == 'kpdem' and metadata['input_size'] == 64
+  assert metadata['kpdem_targets'] == 'truncated'  # the released models' dataset code truncated the targets
   assert metadata['n_locations'] == N and metadata['width'] == WIDTH and metadata['num_stages'] == STAGES
   assert metadata['source'] == 'trousers.pt' and metadata['sha256'] == torch_loading.sha256_file(str(source))
   variables, loaded_metadata = checkpoint.load_model(out)
@@ -383,6 +384,8 @@ def test_bad_conversion_settings(net, tmp_path):
   torch.save(net.state_dict(), tmp_path / 'w.pt')
   _convert_fails(tmp_path, tmp_path / 'w.pt', 'multiple of 8', input_size=60)
   _convert_fails(tmp_path, tmp_path / 'w.pt', 'preprocessing', preprocessing='imagenet')
+  _convert_fails(tmp_path, tmp_path / 'w.pt', "kpdem-targets = 'floor': expected one of truncated, exact",
+                 kpdem_targets='floor')
   _convert_fails(tmp_path, tmp_path / 'w.pt', "category = 'hats': expected one of blouse", config=make_config('hats'))
 
 
@@ -468,9 +471,11 @@ def test_cli_round_trip_and_errors(net, tmp_path):
   torch.save(torch.nn.DataParallel(net), tmp_path / 'trousers.pt', _use_new_zipfile_serialization=False)
   slim = ['--config.model.width=0.125', '--config.model.num_stages=2']
   run = _cli('convert.torch_to_flax', '--config', 'configs/trousers.py', '--torch-checkpoint',
-             str(tmp_path / 'trousers.pt'), '--out', str(tmp_path / 'flax'), '--verify', *slim)
+             str(tmp_path / 'trousers.pt'), '--out', str(tmp_path / 'flax'), '--verify', '--kpdem-targets', 'exact',
+             *slim)
   assert run.returncode == 0, run.stderr
   assert 'largest coordinate difference' in run.stdout and 'wrote' in run.stdout
+  assert checkpoint.load_model(str(tmp_path / 'flax'))[1]['kpdem_targets'] == 'exact'
   run = _cli('convert.flax_to_torch', '--config', 'configs/trousers.py', '--checkpoint', str(tmp_path / 'flax'),
              '--out', str(tmp_path / 'back.pth'), *slim)
   assert run.returncode == 0, run.stderr
@@ -557,9 +562,12 @@ def test_converted_model_gives_the_original_pixels(converted_released):
 
 
 def test_predict_on_converted_model_gives_the_original_pixels(converted_released, tmp_path):
+  """kpjax.predict on a converted model: the original network's outputs, read as the centres of the
+  original's truncated target cells (the converter's default, kpjax.kpdem.coords_to_original)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   from kpjax import keypoints  # pylint: disable=g-import-not-at-top
+  from kpjax import kpdem  # pylint: disable=g-import-not-at-top
   from kpjax import predict  # pylint: disable=g-import-not-at-top
   model, model_dir, paths = converted_released
   out = tmp_path / 'preds.csv'
@@ -571,8 +579,9 @@ def test_predict_on_converted_model_gives_the_original_pixels(converted_released
   for path in paths:
     row = next(r for r in rows if path.endswith(r[0]))
     got = np.array([[int(v) for v in row[c].split('_')[:2]] for c in columns])
-    want = _original_pixels(model, path)
     w, h = Image.open(path).size
+    original_coords = _original_pixels(model, path) / [w, h]  # the original network's [0, 1] outputs
+    want = kpdem.coords_to_original(original_coords, h, w, 64, 'truncated')
     rounded = np.stack([np.clip(np.rint(want[:, 0]), 0, w - 1), np.clip(np.rint(want[:, 1]), 0, h - 1)], -1)
     near_half = np.abs(np.abs(want - np.floor(want)) - 0.5) < 1e-3  # float32 may round either way there
     assert np.all((got == rounded) | near_half), (path, got, want)

@@ -148,15 +148,16 @@ def readme_onnx_example() -> str:
   return text[start:text.index('```', start)]
 
 
-@pytest.mark.parametrize('mode', ['kpjax', 'kpdem'])
-def test_readme_onnx_example_gives_kpjax_inputs_and_pixels(model, tmp_path, capsys, monkeypatch, mode):
+@pytest.mark.parametrize('mode, targets', [('kpjax', None), ('kpdem', 'exact'), ('kpdem', 'truncated')])
+def test_readme_onnx_example_gives_kpjax_inputs_and_pixels(model, tmp_path, capsys, monkeypatch, mode, targets):
   """The README's preprocessing without kpjax equals the mode's `prepare`, its pixels `coords_to_original`."""
   pytest.importorskip('onnx')
   pytest.importorskip('onnxruntime')
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  from kpjax.data import modes  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint.save_model(str(tmp_path / 'model'), model[1], dict(META, preprocessing=mode))
+  meta = dict(META, preprocessing=mode, **({'kpdem_targets': targets} if targets else {}))
+  ckpt = checkpoint.save_model(str(tmp_path / 'model'), model[1], meta)
+  preprocessing = checkpoint.check_metadata(meta).preprocessing
   assert run_cli(['--checkpoint', ckpt, '--format', 'onnx', '--out', tmp_path / 'demo.onnx'], capsys)[0] == 0
   photo = np.random.default_rng(3).integers(0, 256, (75, 101, 3), dtype=np.uint8)  # > 2x the input: box filter
   Image.fromarray(photo).save(tmp_path / 'photo.jpg', quality=95)
@@ -164,9 +165,9 @@ def test_readme_onnx_example_gives_kpjax_inputs_and_pixels(model, tmp_path, caps
   monkeypatch.chdir(tmp_path)
   scope = {}
   exec(readme_onnx_example(), scope)  # pylint: disable=exec-used
-  want_x, affine = modes.get(mode).prepare(image, SIZE)
+  want_x, affine = preprocessing.prepare(image, SIZE)
   np.testing.assert_allclose(scope['x'], want_x, rtol=0, atol=1e-6)
-  want_xy = modes.get(mode).coords_to_original(scope['coords'][0], affine, SIZE)
+  want_xy = preprocessing.coords_to_original(scope['coords'][0], affine, SIZE)
   np.testing.assert_allclose(scope['xy'], want_xy, rtol=0, atol=1e-6 * image.shape[1])
   assert capsys.readouterr().out.count('\n') == N
 

@@ -278,10 +278,17 @@ def test_kpdem_preprocessing(source):
     fx.train_batches(_config(preprocessing='kpdem'), source, seed=0)
   with pytest.raises(config_check.ConfigError, match="augment.enabled = True with config.preprocessing = 'kpdem'"):
     config_check.check_config(_config(preprocessing='kpdem'))
-  batch = next(fx.train_batches(_config(augment=False, preprocessing='kpdem'), source, seed=0))
+  config = _config(augment=False, preprocessing='kpdem')
+  batch = next(fx.train_batches(config, source, seed=0))
   assert batch['image'].max() <= 1 / 255 + 1e-6 and batch['image'].min() >= 0
   kept = batch['target'][batch['mask'] == 1]
   assert np.all((kept >= 0) & (kept <= 1))
+  # The original's targets: floor(x * S / W) / S ('truncated', the default), or x / W ('exact').
+  np.testing.assert_allclose(kept * SIZE, np.round(kept * SIZE), atol=1e-4)
+  config.kpdem_targets = 'exact'
+  exact = next(fx.train_batches(config, source, seed=0))['target'][batch['mask'] == 1]
+  np.testing.assert_allclose(np.floor(exact * SIZE + 1e-4) / SIZE, kept, atol=1e-6)
+  assert np.abs(exact * SIZE - np.round(exact * SIZE)).max() > 0.1
 
 
 @pytest.mark.parametrize('mode', ['kpjax', 'kpdem'])
@@ -299,8 +306,9 @@ def test_eval_batches_padding_order_and_affine_round_trip(source, mode):
     assert b['visibility'].shape == (8, 24) and b['category'].shape == (8,) and b['valid'].dtype == bool
     assert b['image_id'].dtype == object
     valid = b['valid']
-    coords = modes.get(mode).input_pixels_to_coords(preprocess.apply_affine(b['keypoints'], b['affine']), SIZE)
-    back = modes.get(mode).coords_to_original(coords, b['affine'], SIZE)
+    exact = modes.get(mode, kpdem_targets='exact')  # no truncation: the mapping itself must invert
+    coords = exact.input_pixels_to_coords(preprocess.apply_affine(b['keypoints'], b['affine']), SIZE)
+    back = exact.coords_to_original(coords, b['affine'], SIZE)
     np.testing.assert_allclose(back[valid], b['keypoints'][valid], atol=1e-6)
   last = batches[-1]
   assert np.all(last['visibility'][~last['valid']] == -1) and np.all(last['image'][~last['valid']] == 0)

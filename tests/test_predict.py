@@ -19,8 +19,10 @@ import pytest
 from PIL import Image
 
 from kpjax import checkpoint
+from kpjax import evaluate
 from kpjax import inference
 from kpjax import keypoints as kp
+from kpjax import metrics
 from kpjax import model as model_lib
 from kpjax import predict
 from kpjax.data import modes
@@ -155,6 +157,73 @@ def test_blob_round_trip_in_original_pixels(tmp_path, blob_images, capsys):
     np.testing.assert_allclose(got, want, atol=tol, err_msg=f'image {n} ({w}x{h})')
 
 
+def _read_float_cells(path):
+  """{image_id: (24, 2) float, NaN for -1 cells} and the raw cells, read here independently of csv_io."""
+  with open(path, newline='') as f:
+    rows = list(csv.reader(f))[1:]
+  out = {}
+  for row in rows:
+    xy = np.full((24, 2), np.nan)
+    for j, cell in enumerate(row[2:]):
+      x, y, v = cell.split('_')
+      if v == '1':
+        xy[j] = float(x), float(y)
+    out[row[0]] = (xy, row[2:])
+  return out
+
+
+def test_decimals_round_trip_through_evaluate(tmp_path, blob_images, capsys):
+  """--decimals 3 writes the predictions to 1/1000 px (integers by default), and kpjax.evaluate reads
+  both back: the NE of the decimal file is the unrounded predictions' NE, the integer file's the rounded's."""
+  root, paths = blob_images
+  ckpt = _save(tmp_path, 'blob', colour_detector_variables((0, 1, 2, 0)), 'skirt')
+  files = {}
+  for decimals in (0, 3):
+    files[decimals] = tmp_path / f'preds{decimals}.csv'
+    argv = ['--checkpoint', ckpt, '--images', str(root / 'Images'), '--out', str(files[decimals])]
+    code, err = _run(argv + (['--decimals', str(decimals)] if decimals else []), capsys)
+    assert code == 0, err
+  model, variables, spec, _ = inference.load_predictor(ckpt)
+  fn = inference.make_predict_fn(model)
+  ids, exact, gt = [], [], []
+  for n, (path, (h, w, centres)) in enumerate(zip(paths, BLOB_CASES)):
+    image = preprocess.decode_image(open(path, 'rb').read(), path)
+    x, affine = spec.preprocessing.prepare(image, SIZE)
+    pixels = inference.to_24(inference.to_original(fn(variables, x[None]), affine[None], spec), 'skirt')[0]
+    exact.append(np.clip(pixels, 0, [w - 1, h - 1]))
+    ids.append(f'Images/skirt/blob{n}.png')
+    gt.append(inference.to_24(np.array([[centres[0], centres[1], centres[2], centres[0]]]) + 0.25, 'skirt')[0])
+  exact, gt = np.stack(exact), np.stack(gt)
+  mask = kp.category_mask('skirt')
+  written = {d: _read_float_cells(files[d]) for d in files}
+  for i, iid in enumerate(ids):
+    xy3, cells3 = written[3][iid]
+    xy0, cells0 = written[0][iid]
+    assert all(len(c.split('_')[0].split('.')[1]) == 3 for c in np.array(cells3)[mask])
+    assert all('.' not in c for c in cells0)
+    np.testing.assert_allclose(xy3[mask], exact[i][mask], rtol=0, atol=0.0005 + 1e-9)
+    np.testing.assert_array_equal(xy0[mask], np.rint(exact[i][mask]))
+  annotations = tmp_path / 'gt.csv'
+  visibility = np.tile(np.where(mask, 1, -1), (len(ids), 1))
+  annotations.write_text(format_rows(ids, gt, visibility, decimals=2))
+  cats = ['skirt'] * len(ids)
+  for decimals, pred in ((3, exact), (0, np.rint(exact))):
+    want = metrics.normalized_error(pred, gt, visibility, cats)['ne']
+    got = evaluate.evaluate_files(str(annotations), str(files[decimals]))[0]['ne']
+    assert got == pytest.approx(want, abs=1e-5)
+    assert evaluate.main(['--annotations', str(annotations), '--predictions', str(files[decimals])]) == 0
+  capsys.readouterr()
+
+
+def format_rows(ids, xy, visibility, decimals):
+  """A FashionAI CSV written here with plain string formatting (x_y_v cells, `decimals` digits)."""
+  lines = [','.join(('image_id', 'image_category') + kp.KEYPOINT_NAMES)]
+  for iid, points, vis in zip(ids, xy, visibility):
+    cells = [f'{x:.{decimals}f}_{y:.{decimals}f}_{v}' if v >= 0 else '-1_-1_-1' for (x, y), v in zip(points, vis)]
+    lines.append(','.join([iid, 'skirt'] + cells))
+  return '\n'.join(lines) + '\n'
+
+
 def test_flip_maps_back_to_the_same_blob(tmp_path, blob_images):
   """With twins detecting the same colour, the flipped view must land on the same original pixels."""
   _, paths = blob_images
@@ -236,7 +305,8 @@ def test_kpdem_unflip_is_the_original_image_mirror():
   affine = np.array([[SIZE / width, 0, 0], [0, SIZE / height, 0]])
   x = np.array([[0.0, 0.0], [17.0, 40.0], [511.0, 299.0]])
   flipped_c = np.stack([(width - 1 - x[:, 0]) / width, x[:, 1] / height], -1)
-  np.testing.assert_allclose(modes.get('kpdem').flipped_to_original(flipped_c, affine, SIZE), x, atol=1e-9)
+  exact = modes.get('kpdem', kpdem_targets='exact')  # outputs read as x / W: the mirror alone
+  np.testing.assert_allclose(exact.flipped_to_original(flipped_c, affine, SIZE), x, atol=1e-9)
 
 
 def _random_checkpoint(tmp_path, category, preprocessing='kpjax'):
@@ -297,6 +367,12 @@ def test_usage_errors_write_nothing(tmp_path, capsys):
   code, err = _run(['--config', os.path.join(ROOT, 'configs/skirt.py'), '--checkpoint', ckpt,
                     '--images', str(img), '--out', str(out)], capsys)
   assert code == 2 and "category = 'skirt'" in err and not out.exists()
+  code, err = _run(['--checkpoint', str(tmp_path / 'missing'), '--images', str(img), '--out', str(out),
+                    '--category', 'skirt'], capsys)
+  assert code == 2 and 'missing' in err and not out.exists()
+  with pytest.raises(SystemExit) as e:
+    predict.main(['--checkpoint', ckpt, '--images', str(img), '--out', str(out), '--decimals', '-1'])
+  assert e.value.code == 2 and '--decimals must be 0 or more' in capsys.readouterr().err and not out.exists()
   code, err = _run(['--checkpoint', str(tmp_path / 'missing'), '--images', str(img), '--out', str(out),
                     '--category', 'skirt'], capsys)
   assert code == 2 and 'missing' in err and not out.exists()

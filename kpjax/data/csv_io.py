@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import os
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -19,6 +21,8 @@ from kpjax import keypoints as kp
 
 HEADER: tuple[str, ...] = ('image_id', 'image_category') + kp.KEYPOINT_NAMES
 ABSENT_CELL = '-1_-1_-1'
+_COORDINATE = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?', re.ASCII)  # 266, 266.03, .5; no nan/inf
+_VISIBILITY = re.compile(r'[+-]?\d+', re.ASCII)
 
 
 class CsvFormatError(ValueError):
@@ -35,27 +39,44 @@ class Annotation:
   row: int  # 1-based row number in the file (header = 1)
 
 
-def parse_cell(cell: str, where: str = '') -> tuple[int, int, int]:
-  """'x_y_v' -> (x, y, v); raises CsvFormatError for anything else."""
+def parse_cell(cell: str, where: str = '') -> tuple[float, float, int]:
+  """'x_y_v' -> (x, y, v); raises CsvFormatError for anything else.
+
+  x and y are pixels, integers (the challenge's format) or decimals (`266.03_286.18_1`, as other tools
+  write sub-pixel predictions); v is an integer: 1 visible, 0 occluded, -1 absent (`-1_-1_-1`).
+  """
   parts = cell.strip().split('_')
-  try:
-    if len(parts) != 3:
-      raise ValueError
-    x, y, v = (int(p) for p in parts)
-  except ValueError:
-    raise CsvFormatError(f'{where}malformed keypoint cell {cell!r}; expected x_y_v with integers, '
-                         f'v in {{1, 0, -1}}') from None
+  if (len(parts) != 3 or not all(_COORDINATE.fullmatch(p) for p in parts[:2])
+      or not _VISIBILITY.fullmatch(parts[2])):
+    raise CsvFormatError(f'{where}malformed keypoint cell {cell!r}; expected x_y_v with x, y numbers '
+                         f'(integers or decimals) and v in {{1, 0, -1}}')
+  x, y, v = float(parts[0]), float(parts[1]), int(parts[2])
+  if not (math.isfinite(x) and math.isfinite(y)):  # 1e999 and the like overflow to inf
+    raise CsvFormatError(f'{where}keypoint cell {cell!r} has a coordinate too large to be a pixel')
   if v not in (1, 0, -1):
     raise CsvFormatError(f'{where}keypoint cell {cell!r} has visibility {v}; expected 1, 0 or -1')
   if v == -1 and (x, y) != (-1, -1):
     raise CsvFormatError(f'{where}keypoint cell {cell!r} is absent (v=-1) but has a position; expected -1_-1_-1')
   if v >= 0 and (x < 0 or y < 0):
     raise CsvFormatError(f'{where}keypoint cell {cell!r} has a negative position for v={v}')
-  return x, y, v
+  return x + 0.0, y + 0.0, v  # + 0.0: no negative zeros
 
 
-def format_cell(x: float, y: float, v: int) -> str:
-  return ABSENT_CELL if v < 0 else f'{int(round(x))}_{int(round(y))}_{int(v)}'
+def format_cell(x: float, y: float, v: int, decimals: int = 0) -> str:
+  """(x, y, v) -> 'x_y_v' with `decimals` digits after the point (0: whole pixels, the challenge's format)."""
+  if v < 0:
+    return ABSENT_CELL
+  return f'{format_coordinate(x, decimals)}_{format_coordinate(y, decimals)}_{int(v)}'
+
+
+def format_coordinate(value: float, decimals: int = 0) -> str:
+  """A finite pixel coordinate rounded (half to even) to `decimals` >= 0 digits after the point; never '-0'."""
+  if isinstance(decimals, bool) or int(decimals) != decimals or decimals < 0:
+    raise ValueError(f'decimals must be a whole number >= 0; got {decimals!r}')
+  if not math.isfinite(value):
+    raise ValueError(f'cannot write the coordinate {value} to a FashionAI CSV')
+  text = f'{value:.{int(decimals)}f}'
+  return text[1:] if text.startswith('-') and float(text) == 0 else text
 
 
 def _open_rows(path: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:

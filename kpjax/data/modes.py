@@ -100,53 +100,85 @@ class KpjaxPreprocessing(Preprocessing):
 
 @dataclasses.dataclass(frozen=True)
 class KpdemPreprocessing(Preprocessing):
-  """The original's resize to a square and [0, 1] coordinates (kpjax.kpdem). Converted models."""
+  """The original's resize to a square and [0, 1] coordinates (kpjax.kpdem). Converted models.
+
+  targets: what the model was trained on (kpjax.kpdem.TARGETS): 'truncated', the original dataset
+  code's floor(x * S / W) / S (the released models; outputs are read as the centre of their cell), or
+  'exact', x / W. Training in this mode makes the targets it names.
+  """
   name: ClassVar[str] = 'kpdem'
   description: ClassVar[str] = (
       'RGB image resized to SxS as skimage.transform.resize does (bilinear, anti-aliased, values in [0, 1]), '
-      'then divided by 255 once more (the original KPDEM script); coords are (x, y) in [0, 1] of the image: '
-      'original pixel = (c_x * W, c_y * H)')
+      'then divided by 255 once more (the original KPDEM script); coords are (x, y) in [0, 1] of the image, '
+      'read as original pixels by kpjax.kpdem.coords_to_original (kpdem_targets exact: (c_x * W, c_y * H); '
+      'truncated: the centre of the original\'s 1/S-wide target cell, about ((S c_x + 1/2) W / S - 1/2, '
+      '(S c_y + 1/2) H / S - 1/2))')
   supports_augmentation: ClassVar[bool] = False  # the non-aspect-preserving resize has no augmented twin here
-  # Direct convolutions: Winograd's position-dependent rounding turns the exact max-pool ties of flat
-  # image regions into near-ties decided differently from PyTorch (see kpjax.conv).
-  conv_algorithm: ClassVar[str] = 'direct'
+  # 'direct' convolutions before each max-pool, 'auto' after the last (kpjax.model.block_conv_algorithm):
+  # the pools keep the first largest element of each window, and on flat image regions whole windows
+  # tie exactly; Winograd's position-dependent rounding breaks such ties differently from PyTorch.
+  # Measured (benchmarks/pool_ties.py, the full network on 6 plain synthetic garments, 197,172 live
+  # first-pool windows, 57% exact ties) against torch float32: Winograd ('auto' on a CPU) keeps another
+  # element in 67,905 windows (coordinates up to 139 px of 512 away), 'direct-pooled' in 1,346 (67 px),
+  # torch against itself without oneDNN in 1,427 (104 px), in float64 in 1,821 (84 px).
+  conv_algorithm: ClassVar[str] = 'direct-pooled'
+  targets: str = kpdem.CONVERTED_TARGETS
+
+  def __post_init__(self):
+    kpdem.check_targets(self.targets)
 
   def prepare(self, image, size):
     return kpdem.prepare_image(_check_image(image), preprocess.check_input_size(size))
 
   def coords_to_input_pixels(self, coords, size):
+    """The 'exact' reading, c * size (the 'truncated' one depends on the original's size: coords_to_original)."""
     return kpdem.coords_to_input_pixels(coords, size)
 
   def input_pixels_to_coords(self, pixels, size):
-    return kpdem.input_pixels_to_coords(pixels, size)
+    pixels = np.asarray(pixels, np.float64)
+    return kpdem.input_pixels_to_coords(np.floor(pixels) if self.targets == 'truncated' else pixels, size)
+
+  def coords_to_original(self, coords, affine, size):
+    affine = np.asarray(affine, np.float64)
+    coords = np.asarray(coords, np.float64)
+    if affine.ndim == 2:
+      height, width = kpdem.original_size(affine, size)
+      return kpdem.coords_to_original(coords, height, width, size, self.targets)
+    return np.stack([self.coords_to_original(c, a, size) for c, a in zip(coords, affine)])
 
   def flipped_to_original(self, coords, affine, size):
     # The original's resize commutes with flips, so the flipped input is the resized flipped
     # original: its outputs map (same affine) to the flipped original's pixels x', and x = W - 1 - x'
-    # with W = S / affine[0, 0] (KPDEM's corner-aligned scaling, kpdem.resize_affine; mirroring the
-    # input pixels instead would be off by W / S - 1 original pixels).
+    # (mirroring the input pixels instead would be off by W / S - 1 original pixels).
+    affine = np.asarray(affine, np.float64)
     flipped = self.coords_to_original(coords, affine, size)
-    width = size / np.asarray(affine, np.float64)[..., 0, 0]
+    width = np.round(size / affine[..., 0, 0])
     return np.stack([np.asarray(width)[..., None] - 1 - flipped[..., 0], flipped[..., 1]], axis=-1)
 
   def example_input(self, rng, shape):
     return rng.random(shape, dtype=np.float32) / np.float32(255.0)
+
+  def metadata(self):
+    return {'preprocessing': self.name, kpdem.TARGETS_METADATA_KEY: self.targets}
 
 
 MODES: dict[str, type[Preprocessing]] = {m.name: m for m in (KpjaxPreprocessing, KpdemPreprocessing)}
 NAMES = tuple(MODES)
 
 
-def get(name: str) -> Preprocessing:
-  """The mode called `name` ('kpjax' or 'kpdem'); ValueError naming the choices otherwise."""
+def get(name: str, kpdem_targets: str = kpdem.CONVERTED_TARGETS) -> Preprocessing:
+  """The mode called `name` ('kpjax' or 'kpdem', whose targets are `kpdem_targets`); ValueError
+  naming the choices otherwise."""
   if name not in MODES:
     raise ValueError(f'unknown preprocessing {name!r}; expected one of {", ".join(NAMES)}')
-  return MODES[name]()
+  return KpdemPreprocessing(targets=kpdem_targets) if name == KpdemPreprocessing.name else MODES[name]()
 
 
 def from_metadata(metadata: Mapping[str, Any]) -> Preprocessing:
-  """The mode a checkpoint's metadata records."""
-  return get(metadata['preprocessing'])
+  """The mode a checkpoint's metadata records (a 'kpdem' model's targets: kpjax.kpdem.targets_from_metadata)."""
+  if metadata['preprocessing'] != KpdemPreprocessing.name:
+    return get(metadata['preprocessing'])
+  return KpdemPreprocessing(targets=kpdem.targets_from_metadata(metadata))
 
 
 def _check_image(image) -> np.ndarray:
