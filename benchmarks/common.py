@@ -57,7 +57,8 @@ def input_size(text: str) -> int:
   """argparse type: a square input side in pixels, a positive multiple of 8 (the network pools 3 times)."""
   value = positive_int(text)
   if value % 8:
-    raise argparse.ArgumentTypeError(f'must be a positive multiple of 8 (the network pools 2x2 three times); got {text}')
+    raise argparse.ArgumentTypeError(f'must be a positive multiple of 8 (the network pools 2x2 three times); '
+                                     f'got {text}')
   return value
 
 
@@ -115,7 +116,8 @@ def categories() -> tuple[str, ...]:
 
 def add_network_args(p: argparse.ArgumentParser, *, size: int = 48, batch: int = 2) -> None:
   """The flags that say which network, input and batch to time (see `Workload`)."""
-  p.add_argument('--size', type=input_size, default=size, help=f'square input side in pixels, a multiple of 8 (default {size})')
+  p.add_argument('--size', type=input_size, default=size,
+                 help=f'square input side in pixels, a multiple of 8 (default {size})')
   p.add_argument('--batch', type=positive_int, default=batch, help=f'images per step (default {batch})')
   p.add_argument('--width', type=positive_float, default=1.0,
                  help='channel multiplier (1.0 = KPDEM, 36.9 M parameters)')

@@ -2,13 +2,14 @@
 
   bash benchmarks/gpu.sh OUT_DIR               # checks what it needs, then runs this (< 8 min on an H100/H200)
   python benchmarks/gpu.py --out OUT_DIR       # the same, directly
-  python benchmarks/gpu.py --tiny --out DIR    # the same code on a CPU in seconds: 16/32 px, slim, 1 stage
+  python benchmarks/gpu.py --tiny --out DIR    # the same code on a CPU in a minute: 16/32 px, slim, 1 stage
 
 In this order (OUT_DIR/gpu.json and gpu.md are rewritten after each part, so a run cut short keeps
 what it finished):
 1. the PyTorch original (convert/torch_model.py, eager) in a child process (benchmarks/gpu_torch.py),
-   before JAX allocates anything (so neither allocator holds memory the other needs): inference and a training step at 256x256, batch 8, float32 (cuDNN
-   runs its convolutions on TF32 tensor cores, torch's default) and bfloat16 autocast;
+   before JAX allocates anything (so neither allocator holds memory the other needs): inference and a
+   training step at 256x256, batch 8, float32 (cuDNN runs its convolutions on TF32 tensor cores, torch's
+   default) and bfloat16 autocast;
 2. kpjax, the same four (jit, compiled ahead of time; float32 convolutions on TF32, XLA's default);
 3. kpjax's training step at 512x512 in bfloat16 with remat at the largest batch that fits: predicted from
    XLA's memory analysis at batch 1 and 2, then tried (out-of-memory errors caught) within --search-seconds;
