@@ -1,27 +1,269 @@
-"""Shared benchmark helpers: thread setup, interleaved timing that notices a busy machine, FLOP counts, peak.
+"""What the benchmark scripts share: flags, the workload and kpjax config they time, synthetic batches,
+timing that notices a busy machine, FLOP counts, machine peaks, and the kpjax-vs-PyTorch comparison driver.
 
-The benchmarks compare kpjax (jit) with the PyTorch original on one machine, so every timing here:
+Each script declares only what it times: train_step.py and inference.py their kpjax and torch
+candidates (a `Candidate` built from a `Workload`), memory.py a compile-only step, gpu.py its plan,
+input_pipeline.py the grain pipeline. `run_comparison` is the driver the first two share: it parses
+nothing itself, prints the header, the machine peak, a table and the kpjax/torch ratio lines.
+
+Every CPU timing here:
 
 * interleaves the candidates (a, b, a, b, ...) after warm-up, so a slow minute hurts both alike;
 * records, for every sample, how much CPU *other* processes used meanwhile (from /proc/stat minus this
   process's own CPU time), and prefers the samples where the machine was otherwise quiet;
 * reports the best (minimum) clean sample, the usual estimator for "what this code costs" on a shared box.
 
-Nothing here is used by kpjax itself.
+Nothing here is used by kpjax itself; torch is imported only when a script asks for it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Sequence
 
 # Samples where other processes used more than this many cores on average are "busy".
 BUSY_CORES = 0.15
+DTYPES = ('float32', 'bfloat16')
+CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
+
+
+# ---- Flags ------------------------------------------------------------------------------------------
+
+
+def fail(message: str):
+  """The project's convention for a user's mistake: one `error: ...` line on stderr, exit status 2."""
+  sys.stderr.write(f'error: {message}\n')
+  sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors follow `fail`; --help prints the script's whole docstring."""
+
+  def __init__(self, doc: str, **kwargs):
+    super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+  def error(self, message: str):
+    fail(message)
+
+
+def input_size(text: str) -> int:
+  """argparse type: a square input side in pixels, a positive multiple of 8 (the network pools 3 times)."""
+  value = positive_int(text)
+  if value % 8:
+    raise argparse.ArgumentTypeError(f'must be a positive multiple of 8 (the network pools 2x2 three times); '
+                                     f'got {text}')
+  return value
+
+
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a positive integer; got {text!r}') from None
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f'expected a positive integer; got {text}')
+  return value
+
+
+def non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected an integer >= 0; got {text!r}') from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'expected an integer >= 0; got {text}')
+  return value
+
+
+def positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a positive number; got {text!r}') from None
+  if not value > 0 or math.isinf(value):
+    raise argparse.ArgumentTypeError(f'expected a positive number; got {text}')
+  return value
+
+
+def non_negative_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a number >= 0; got {text!r}') from None
+  if not value >= 0 or math.isinf(value):
+    raise argparse.ArgumentTypeError(f'expected a number >= 0; got {text}')
+  return value
+
+
+def num_stages(text: str) -> int:
+  value = positive_int(text)
+  if value > 6:
+    raise argparse.ArgumentTypeError(f'KPDEM has stages 1..6; got {text}')
+  return value
+
+
+def categories() -> tuple[str, ...]:
+  from kpjax import keypoints  # pylint: disable=g-import-not-at-top  (numpy only)
+  return keypoints.CATEGORIES + (keypoints.ALL,)
+
+
+def add_network_args(p: argparse.ArgumentParser, *, size: int = 48, batch: int = 2) -> None:
+  """The flags that say which network, input and batch to time (see `Workload`)."""
+  p.add_argument('--size', type=input_size, default=size,
+                 help=f'square input side in pixels, a multiple of 8 (default {size})')
+  p.add_argument('--batch', type=positive_int, default=batch, help=f'images per step (default {batch})')
+  p.add_argument('--width', type=positive_float, default=1.0,
+                 help='channel multiplier (1.0 = KPDEM, 36.9 M parameters)')
+  p.add_argument('--num-stages', type=num_stages, default=6, help='CPM stages 1..6 (6 = KPDEM)')
+  p.add_argument('--category', default='trousers', choices=categories(),
+                 help='sets the number of keypoints (trousers: 7, all: 24)')
+
+
+# ---- What is timed ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One network, input and batch to time: what every candidate builds from.
+
+  size: square input side in pixels; batch: images per step; dtype: kpjax's compute dtype (torch runs
+  bfloat16 under autocast); remat: kpjax's jax.checkpoint per block (torch has none).
+  """
+  category: str = 'trousers'
+  size: int = 48
+  batch: int = 2
+  width: float = 1.0
+  num_stages: int = 6
+  dtype: str = 'float32'
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+  conv_algorithm: str = 'auto'
+
+  @property
+  def n_locations(self) -> int:
+    from kpjax import keypoints  # pylint: disable=g-import-not-at-top
+    return keypoints.num_keypoints(self.category)
+
+  def replace(self, **changes) -> Workload:
+    return dataclasses.replace(self, **changes)
+
+  def train_flops(self) -> float:
+    """Direct-convolution FLOPs of one training step (see `train_flops`)."""
+    return train_flops(self.n_locations, (self.size, self.size), self.batch, self.width, self.num_stages)
+
+  def forward_flops(self) -> float:
+    return forward_flops(self.n_locations, (self.size, self.size), self.batch, self.width, self.num_stages)
+
+  def describe(self) -> str:
+    stages = f'{self.num_stages} stage' + ('s' if self.num_stages != 1 else '')
+    return (f'width {self.width:g}, {stages}, {self.n_locations} keypoints, '
+            f'{self.size}x{self.size}, batch {self.batch}')
+
+
+def workload_from_args(args, **changes) -> Workload:
+  """The Workload of add_network_args' flags (plus conv_algorithm/remat where the script has them)."""
+  fields = dict(category=args.category, size=args.size, batch=args.batch, width=args.width,
+                num_stages=args.num_stages, remat=bool(getattr(args, 'remat', False)),
+                conv_algorithm=getattr(args, 'conv_algorithm', 'auto'))
+  fields.update(changes)
+  return Workload(**fields)
+
+
+def kpjax_config(w: Workload):
+  """configs/base.py set to the original's training recipe (RMSprop lr 2.5e-4, alpha 0.9, constant, no
+  clipping, warm-up or weight decay) and the workload's network, input and batch."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  config = base.get_config()
+  config.category = w.category
+  config.input_size = w.size
+  config.batch_size = w.batch
+  config.model.width = w.width
+  config.model.num_stages = w.num_stages
+  config.compute_dtype = w.dtype
+  config.remat = w.remat
+  config.remat_policy = w.remat_policy
+  config.optimizer = 'rmsprop'
+  config.learning_rate = 2.5e-4
+  config.rmsprop_decay = 0.9
+  config.schedule = 'constant'
+  config.warmup_steps = 0
+  config.grad_clip_norm = 0.0
+  config.weight_decay = 0.0
+  return config
+
+
+def synthetic_batch(w: Workload, seed: int = 0):
+  """(images float32 (B, S, S, 3) standard normal, targets float32 (B, L, 2) in [-0.9, 0.9]), numpy."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((w.batch, w.size, w.size, 3)).astype(np.float32)
+  target = rng.uniform(-0.9, 0.9, (w.batch, w.n_locations, 2)).astype(np.float32)
+  return images, target
+
+
+def initial_train_state(w: Workload, seed: int = 0):
+  """A TrainState for `w`'s network as fresh device buffers (a training step donates its state).
+
+  Its structure is `kpjax.train_step.create_train_state`'s (via jax.eval_shape, nothing compiled);
+  kernels are drawn from a fan-in-scaled normal, biases, step and RMSprop's accumulators are zeros
+  (what optax.rmsprop's init makes). Timing does not depend on the values, and compiling kpjax's own
+  initialisation takes longer than a small network's step (~15 s of CPU for a 1-stage network).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
+  config = kpjax_config(w)
+  model = ts.build_model(config)
+  shapes = jax.eval_shape(lambda: ts.create_train_state(config, jax.random.PRNGKey(0), model))
+  rng = np.random.default_rng(seed)
+
+  def param(leaf):
+    if len(leaf.shape) < 2:  # biases
+      return np.zeros(leaf.shape, leaf.dtype)
+    fan_in = math.prod(leaf.shape[:-1])  # HWIO kernels
+    return (rng.standard_normal(leaf.shape, np.float32) / math.sqrt(fan_in)).astype(leaf.dtype)
+
+  zeros = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
+  return jax.device_put(zeros.replace(params=jax.tree_util.tree_map(param, shapes.params)))
+
+
+@dataclasses.dataclass
+class Candidate:
+  """One thing to time: `run()` does one step and blocks until its result is ready.
+
+  compile_s: seconds XLA took to compile it (kpjax; 0 for torch). xla_bytes: XLA's planned device memory
+  for one step (arguments + outputs - donated + temporaries; None where XLA gives no analysis).
+  """
+  run: Callable[[], object]
+  compile_s: float = 0.0
+  xla_bytes: int | None = None
+
+
+def compile_timed(jitted, *args):
+  """(compiled executable, seconds to compile) of `jitted` for these arguments (ahead of time, so the
+  first timed call is not a compilation)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def xla_step_bytes(compiled) -> int | None:
+  """Device bytes one call of a compiled executable needs by XLA's buffer assignment (None if unknown)."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+             + analysis.temp_size_in_bytes)
+
+
+# ---- Torch ------------------------------------------------------------------------------------------
 
 
 def cpu_threads() -> int:
@@ -39,9 +281,14 @@ def setup_torch(threads: int | None = None):
   return torch
 
 
+def torch_device(torch) -> str:
+  """Where the torch side runs: the GPU when torch sees one (as kpjax then runs on it too), else the CPU."""
+  return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
 # ---- Machine load -----------------------------------------------------------------------------------
 
-_TICK = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
+CLOCK_TICKS_PER_S = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
 
 
 def _system_busy_ticks() -> int | None:
@@ -57,7 +304,7 @@ def _system_busy_ticks() -> int | None:
 
 def _own_ticks() -> int:
   t = os.times()
-  return int(round((t.user + t.system + t.children_user + t.children_system) * _TICK))
+  return int(round((t.user + t.system + t.children_user + t.children_system) * CLOCK_TICKS_PER_S))
 
 
 class LoadMeter:
@@ -72,7 +319,7 @@ class LoadMeter:
     if sys_ticks is None or self._sys is None or elapsed <= 0:
       return None
     foreign = (sys_ticks - self._sys) - (_own_ticks() - self._own)
-    return max(0.0, foreign / _TICK / elapsed)
+    return max(0.0, foreign / CLOCK_TICKS_PER_S / elapsed)
 
 
 def wait_until_quiet(max_wait_s: float = 120.0, probe_s: float = 1.0, verbose: bool = True) -> float | None:
@@ -126,7 +373,9 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], *, repeats: in
   Each sample calls a candidate `n` times in a row, with n chosen after warm-up so that a sample lasts at
   least `min_sample_s` (short calls are batched, so the load reading means something), and records the
   per-call time. Rounds continue past `repeats` (up to `max_repeats`) until every candidate has
-  `min_quiet` samples taken while the rest of the machine was quiet.
+  `min_quiet` samples taken while the rest of the machine was quiet. Before each round it waits up to
+  `quiet_wait_s` for the machine to calm down (0: does not wait or probe; an accelerator's timing does not
+  suffer from a busy host the way a CPU's does).
   """
   max_repeats = max_repeats or 3 * repeats
   for fn in candidates.values():
@@ -143,7 +392,8 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], *, repeats: in
   for r in range(max_repeats):
     if r >= repeats and all(t.quiet >= min_quiet for t in timings.values()):
       break
-    wait_until_quiet(quiet_wait_s, verbose=verbose)
+    if quiet_wait_s > 0:
+      wait_until_quiet(quiet_wait_s, verbose=verbose)
     for name, fn in candidates.items():
       n = calls[name]
       meter.start()
@@ -233,8 +483,9 @@ class Peak:
 # i.e. TF32 tensor cores on NVIDIA; bfloat16). Matched by substring of jax's device_kind, first match wins.
 ACCELERATOR_PEAKS_TFLOPS = (
     ('H100 PCIe', 378.0, 756.0),
-    ('H100', 494.0, 989.0),  # SXM
-    ('H200', 494.0, 989.0),
+    ('H100 NVL', 417.5, 835.5),
+    ('H100', 494.5, 989.0),  # SXM
+    ('H200', 494.5, 989.0),
     ('A100', 156.0, 312.0),
     ('L4', 60.0, 121.0),
     ('TPU v4', 275.0, 275.0),
@@ -300,17 +551,28 @@ def measure_peak(torch_module=None, repeats: int = 4, verbose: bool = False) -> 
   return Peak({k: flops[k] / t.best / 1e9 for k, t in timings.items()})
 
 
-def machine_description() -> str:
-  cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+  """The CPU's model name: /proc/cpuinfo's 'model name', else lscpu's 'Model name', else what Python knows."""
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
         if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
+          return line.split(':', 1)[1].strip()
   except OSError:
     pass
-  return f'{cpu}, {cpu_threads()} threads'
+  try:
+    import subprocess  # pylint: disable=g-import-not-at-top
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10, check=False).stdout
+    for line in out.splitlines():
+      if line.strip().startswith('Model name:'):
+        return line.split(':', 1)[1].strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+  return f'{cpu_model()}, {cpu_threads()} threads'
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -320,3 +582,99 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
   lines = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(row, widths)) + ' |' for row in cells]
   lines.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
   return '\n'.join(lines)
+
+
+# ---- The kpjax-vs-PyTorch comparison (train_step.py, inference.py) ---------------------------------
+
+
+def comparison_parser(doc: str, *, remat: bool) -> ArgumentParser:
+  """The flags of a side-by-side benchmark; `--remat` only where kpjax's step can honour it (training)."""
+  p = ArgumentParser(doc)
+  add_network_args(p)
+  p.add_argument('--dtype', choices=['float32', 'bfloat16', 'both'], default=None,
+                 help='compute dtype (default: float32 on CPU, both on GPU); torch uses autocast for bf16')
+  if remat:
+    p.add_argument('--remat', action='store_true',
+                   help='kpjax with remat=True (jax.checkpoint per block); torch runs without (the original has none)')
+  p.add_argument('--conv-algorithm', default='auto', choices=CONV_ALGORITHMS)
+  p.add_argument('--compare-direct', action='store_true', help="also time kpjax with conv_algorithm='direct'")
+  p.add_argument('--no-torch', action='store_true', help='time kpjax only')
+  p.add_argument('--no-peak', action='store_true', help='skip measuring the machine peak')
+  p.add_argument('--repeats', type=positive_int, default=5, help='timed rounds at least (default 5)')
+  p.add_argument('--warmup', type=non_negative_int, default=2, help='untimed calls first (default 2)')
+  p.add_argument('--min-quiet', type=non_negative_int, default=2,
+                 help='extra rounds (up to 3x --repeats) until each candidate has this many quiet samples')
+  p.add_argument('--quiet-wait-s', type=non_negative_float, default=60.0,
+                 help='before each round wait up to this long for other processes to go quiet (0: do not)')
+  return p
+
+
+def dtypes_to_time(requested: str | None, backend: str) -> list[str]:
+  if requested == 'both':
+    return list(DTYPES)
+  if requested:
+    return [requested]
+  return ['float32'] if backend == 'cpu' else list(DTYPES)
+
+
+def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
+                   kpjax_candidate: Callable[[Workload], Candidate],
+                   torch_candidate: Callable[[Workload, object, str], Candidate]) -> None:
+  """Times kpjax (and `--compare-direct`, and torch unless `--no-torch`) on `args`' workload; prints a
+  header, the machine peak, a markdown table (first column titled `task`) and one kpjax/torch ratio line
+  per dtype, naming the machine. flops(workload): the FLOPs one call is credited with."""
+  import jax  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  device = jax.devices()[0]
+  torch = None if args.no_torch else setup_torch()
+  base = workload_from_args(args)
+  step_flops = flops(base)
+  machine = machine_description() if backend == 'cpu' else f'{device.device_kind} (host: {machine_description()})'
+  print(f'# kpjax {task} vs PyTorch: {base.describe()}, {step_flops / 1e9:.1f} GFLOP per step (direct convolutions)')
+  versions = f'jax {jax.__version__} on {backend}' + (f', torch {torch.__version__} on {torch.get_num_threads()} '
+                                                    'threads' if torch else '')
+  print(f'# {versions}; machine: {machine}')
+  if base.remat:
+    print(f'# kpjax with remat=True (policy {base.remat_policy}); torch without (the original has no remat)')
+
+  peak = None
+  if not args.no_peak:
+    if backend == 'cpu':
+      peak = measure_peak(torch)
+      print(f'# measured float32 peak (GFLOP/s): {peak.describe()} -> {peak.gflops:.0f}')
+    else:
+      peak = accelerator_peak(device.device_kind)
+      if peak:
+        print(f'# {device.device_kind} peak (TFLOP/s, dense): {peak.describe()}')
+      else:
+        print(f'# no data-sheet peak known for {device.device_kind}: the % of peak column stays empty')
+
+  kpjax_name = 'kpjax (remat)' if base.remat else 'kpjax'
+  direct_name = 'kpjax (direct convs, remat)' if base.remat else 'kpjax (direct convs)'
+  rows, ratios = [], []
+  for dtype in dtypes_to_time(args.dtype, backend):
+    w = base.replace(dtype=dtype)
+    candidates = {kpjax_name: kpjax_candidate(w)}
+    if args.compare_direct and w.conv_algorithm != 'direct':
+      candidates[direct_name] = kpjax_candidate(w.replace(conv_algorithm='direct'))
+    if torch is not None:
+      candidates['torch'] = torch_candidate(w, torch, torch_device(torch))
+    timings = time_interleaved({name: c.run for name, c in candidates.items()}, repeats=args.repeats,
+                               warmup=args.warmup, min_quiet=args.min_quiet, quiet_wait_s=args.quiet_wait_s)
+    for name, t in timings.items():
+      gflops = step_flops / t.best / 1e9
+      share = '' if peak is None else f'{100 * gflops / peak.for_dtype(dtype):.0f}%'
+      rows.append([name, dtype, f'{t.best:.4g}', f'{t.median:.4g}', f'{w.batch / t.best:.2f}', f'{gflops:.0f}',
+                   share, f'{t.quiet}/{len(t.seconds)}'])
+    if 'torch' in timings:
+      kp, tt = timings[kpjax_name].best, timings['torch'].best
+      ratios.append(f'{task[0].upper()}{task[1:]} on {machine}: kpjax/torch speed ratio ({dtype}): {tt / kp:.2f}x '
+                    f'(kpjax {kp:.4g} s/step, torch {tt:.4g} s/step).')
+  print()
+  print(f'{task[0].upper()}{task[1:]}, {base.describe()}, on {machine}; {versions}:')
+  print()
+  print(format_table([task, 'dtype', 's/step (best)', 's/step (median)', 'images/s', 'GFLOP/s', '% of peak',
+                      'quiet samples'], rows))
+  print()
+  for line in ratios:
+    print(line)
