@@ -179,13 +179,14 @@ def workload_from_args(args, **changes) -> Workload:
 def kpjax_config(w: Workload):
   """configs/base.py set to the original's training recipe (RMSprop lr 2.5e-4, alpha 0.9, constant, no
   clipping, warm-up or weight decay) and the workload's network, input and batch."""
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from kpjax.configs import base  # pylint: disable=g-import-not-at-top
   config = base.get_config()
   config.category = w.category
   config.input_size = w.size
   config.batch_size = w.batch
   config.model.width = w.width
   config.model.num_stages = w.num_stages
+  config.model.conv_algorithm = w.conv_algorithm
   config.compute_dtype = w.dtype
   config.remat = w.remat
   config.remat_policy = w.remat_policy
@@ -220,8 +221,8 @@ def initial_train_state(w: Workload, seed: int = 0):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
   config = kpjax_config(w)
-  model = ts.build_model(config)
-  shapes = jax.eval_shape(lambda: ts.create_train_state(config, jax.random.PRNGKey(0), model))
+  model, optimizer, _ = ts.make_training(config)
+  shapes = jax.eval_shape(lambda: ts.create_train_state(model, optimizer, jax.random.PRNGKey(0), w.size))
   rng = np.random.default_rng(seed)
 
   def param(leaf):

@@ -83,7 +83,7 @@ def parse_args(argv=None):
 
 def pipeline_config(args, synthetic_dir: str | None = None):
   """configs/base.py with the benchmark's category, size, batch, workers, threads, seed and data."""
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from kpjax.configs import base  # pylint: disable=g-import-not-at-top
   config = base.get_config()
   config.category = args.category
   config.input_size = args.size
@@ -103,9 +103,10 @@ def pipeline_config(args, synthetic_dir: str | None = None):
 
 def open_pipeline(config):
   """(the training source, kpjax's training batch iterator): what kpjax.train makes, for one process."""
+  from kpjax import train  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  source = pipeline.get_source(config, config.data.train_split)
-  return source, pipeline.train_iterator(config, source, seed=int(config.seed))
+  source = pipeline.get_source(config.data, config.data.train_split)
+  return source, train.make_train_iterator(config, source)
 
 
 def mean_image_size(source, samples: int = 200) -> tuple[float, float]:

@@ -31,14 +31,12 @@ def compiled_memory(w: common.Workload, compiler_options: dict | None = None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
-  config = common.kpjax_config(w)
-  model = ts.build_model(config).clone(conv_algorithm=w.conv_algorithm)
-  state = jax.eval_shape(lambda: ts.create_train_state(config, jax.random.PRNGKey(0), model))
+  model, optimizer, step = ts.make_training(common.kpjax_config(w))
+  state = jax.eval_shape(lambda: ts.create_train_state(model, optimizer, jax.random.PRNGKey(0), w.size))
   n = model.n_locations
   batch_shapes = {'image': jax.ShapeDtypeStruct((w.batch, w.size, w.size, 3), jnp.float32),
                   'target': jax.ShapeDtypeStruct((w.batch, n, 2), jnp.float32),
                   'mask': jax.ShapeDtypeStruct((w.batch, n), jnp.float32)}
-  step = ts.make_train_step(model, config)
   return step.lower(state, batch_shapes).compile(compiler_options).memory_analysis()
 
 

@@ -35,13 +35,12 @@ def kpjax_candidate(w: common.Workload) -> common.Candidate:
   """One real training step of kpjax (compiled ahead of time; the state is donated and carried along)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
-  config = common.kpjax_config(w)
-  model = ts.build_model(config).clone(conv_algorithm=w.conv_algorithm)
+  _, _, step = ts.make_training(common.kpjax_config(w))
   images, target = common.synthetic_batch(w)
   batch = {'image': jnp.asarray(images), 'target': jnp.asarray(target),
            'mask': jnp.ones(target.shape[:2], jnp.float32)}
   box = {'state': common.initial_train_state(w)}
-  step, compile_s = common.compile_timed(ts.make_train_step(model, config), box['state'], batch)
+  step, compile_s = common.compile_timed(step, box['state'], batch)
 
   def run():
     box['state'], metrics = step(box['state'], batch)

@@ -173,6 +173,17 @@ def _evaluate(config, spec: spec_lib.ModelSpec, params, eval_source, step: int, 
   return float(scores['ne'])
 
 
+def make_train_iterator(config, source, process_index: int = 0, process_count: int = 1):
+  """This process's training batches of a validated config's run (kpjax.data.pipeline.train_iterator):
+  the global batch of each step from (config.seed, step) alone, this process's rows of it."""
+  from kpjax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
+  from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.train_iterator(source, spec_lib.ModelSpec.from_config(config), config.data,
+                                 global_batch_size=int(config.batch_size),
+                                 augment=augment_lib.AugmentConfig.from_config(config.augment),
+                                 seed=int(config.seed), process_index=process_index, process_count=process_count)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint, and returns a summary.
 
@@ -184,7 +195,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   from kpjax import inference  # pylint: disable=g-import-not-at-top
   from kpjax import visualize  # pylint: disable=g-import-not-at-top
-  from kpjax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   config_check.check_config(config)
@@ -199,9 +209,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   train_source = pipeline.get_source(config.data, config.data.train_split, workdir)
   eval_source = pipeline.get_source(config.data, config.data.eval_split, workdir)
   os.makedirs(workdir, exist_ok=True)  # only once the data is there: a run that cannot start writes nothing
-  model = ts.build_model(config)
-  schedule = ts.make_schedule(config)
-  optimizer = ts.make_optimizer(config, schedule)
+  model, optimizer, step_fn = ts.make_training(config, mesh)
   state = ts.create_train_state(model, optimizer, jax.random.key(int(config.seed)), spec.input_size)
   manager = _checkpoint_manager(workdir, config)
   state, data_state = _restore(manager, state)
@@ -213,16 +221,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state = state.replace(params=backbone_lib.copy_into(state.params, pretrained))
     state = state.replace(opt_state=optimizer.init(state.params))
     print(f'backbone: conv1_1 .. conv5_2 from {config.init_backbone}', flush=True)
-  train_iter = pipeline.train_iterator(
-      train_source, spec, config.data, global_batch_size=int(config.batch_size),
-      augment=augment_lib.AugmentConfig.from_config(config.augment), seed=int(config.seed),
-      process_index=process, process_count=num_processes)
+  train_iter = make_train_iterator(config, train_source, process, num_processes)
   if data_state is not None:
     train_iter.set_state(data_state)
     print(f'resumed from step {start} in {manager.directory}', flush=True)
   state = parallel.replicate(jax.device_get(state), mesh)
-  step_fn = ts.make_train_step(model, optimizer, schedule, sigma_t=float(config.sigma_t),
-                               js_weight=float(config.js_weight), mesh=mesh)
   predict_fn = inference.make_predict_fn(model.clone(remat=False))
   metadata = spec.metadata()
 

@@ -150,3 +150,14 @@ def make_train_step(model: CoordRegressionNetwork, optimizer: optax.GradientTran
   replicated = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=options)
+
+
+def make_training(config, mesh: jax.sharding.Mesh | None = None):
+  """(model, optimizer, jitted step) for a validated config (kpjax.config_check): what kpjax.train runs,
+  and what the tests and benchmarks build to run or time it. See make_train_step for the step."""
+  model = build_model(config)
+  schedule = make_schedule(config)
+  optimizer = make_optimizer(config, schedule)
+  step = make_train_step(model, optimizer, schedule, sigma_t=float(config.sigma_t), js_weight=float(config.js_weight),
+                         mesh=mesh)
+  return model, optimizer, step

@@ -16,7 +16,8 @@ from benchmarks import inference
 from benchmarks import input_pipeline
 from benchmarks import memory
 from benchmarks import train_step
-from configs import base
+import train_fixture as fx
+from kpjax.configs import base
 from kpjax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +128,7 @@ def test_input_pipeline_batches_are_kpjax_train_batches(tfds_dir):
   config = base.get_config()  # as `python -m kpjax.train --config.data.data_dir=... ` would set it
   config.category, config.input_size, config.batch_size, config.seed = 'all', 32, 3, 5
   config.data.data_dir = tfds_dir
-  expected = pipeline.train_iterator(config, pipeline.get_source(config, 'train'), seed=5)
+  expected = fx.train_batches(config, pipeline.get_source(config.data, 'train'), seed=5)
   for got, want in zip(_take(batches, 3), _take(expected, 3)):
     assert got.keys() == want.keys()
     for key in want:

@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kpjax import keypoints as kp  # pylint: disable=wrong-import-position
 from kpjax.configs import base  # pylint: disable=wrong-import-position
-from kpjax.data import augment  # pylint: disable=wrong-import-position
 from kpjax.data import pipeline  # pylint: disable=wrong-import-position
 from kpjax.spec import ModelSpec  # pylint: disable=wrong-import-position
 
@@ -83,11 +82,11 @@ def tiny_config(**overrides):
 
 
 def train_batches(config, source, seed: int = 0, process_index: int = 0, process_count: int = 1):
-  """pipeline.train_iterator for a config, as kpjax.train builds it."""
-  return pipeline.train_iterator(source, ModelSpec.from_config(config), config.data,
-                                 global_batch_size=config.batch_size,
-                                 augment=augment.AugmentConfig.from_config(config.augment), seed=seed,
-                                 process_index=process_index, process_count=process_count)
+  """The training batches of a config (with `seed`), as kpjax.train makes them."""
+  from kpjax import train  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.seed = seed
+  return train.make_train_iterator(config, source, process_index, process_count)
 
 
 def eval_batches(config, source, **kwargs):
@@ -98,12 +97,8 @@ def eval_batches(config, source, **kwargs):
 def step_and_state(config, mesh=None, seed: int = 0):
   """(jitted train step, fresh TrainState) for a config, as kpjax.train builds them."""
   from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
-  model = ts.build_model(config)
-  schedule = ts.make_schedule(config)
-  optimizer = ts.make_optimizer(config, schedule)
-  state = ts.create_train_state(model, optimizer, jax.random.key(seed), config.input_size)
-  step = ts.make_train_step(model, optimizer, schedule, sigma_t=config.sigma_t, js_weight=config.js_weight, mesh=mesh)
-  return step, state
+  model, optimizer, step = ts.make_training(config, mesh)
+  return step, ts.create_train_state(model, optimizer, jax.random.key(seed), config.input_size)
 
 
 def free_port() -> int:
