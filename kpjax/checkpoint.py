@@ -102,6 +102,26 @@ def resolve_model_dir(path: str, step: int | None = None) -> str:
                         f'or a training workdir ({CHECKPOINTS_SUBDIR}/<step>/)')
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether a training workdir holds a checkpoint to resume from."""
+  checkpoints = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINTS_SUBDIR)
+  return os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+
+
+def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
+  """The JSON metadata of a model directory or a workdir's latest (or given) checkpoint, without
+  reading its arrays; CheckpointError if there is none."""
+  model_dir = resolve_model_dir(path, step)
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    restored = checkpointer.restore(model_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises many types for damaged files
+    raise CheckpointError(f'cannot read the metadata in {model_dir}: {type(e).__name__}: {e}') from None
+  finally:
+    checkpointer.close()
+  return dict(restored['metadata'])
+
+
 def load_model(path: str, step: int | None = None) -> tuple[dict, dict[str, Any]]:
   """Loads (variables, metadata) from an exported model directory or a training workdir.
 

@@ -9,8 +9,9 @@ machine is known (kpjax.train).
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -142,3 +143,45 @@ def check_config(config, training: bool = True) -> Any:
   raise ConfigError(f'config.augment.enabled = True with config.preprocessing = {config.preprocessing!r}: '
                     "augmentation needs preprocessing='kpjax' (the original's non-aspect-preserving resize has "
                     'no augmented twin); set config.augment.enabled=False to fine-tune with KPDEM\'s conventions')
+
+
+# What a resumed run may change: when and how much it logs, evaluates and saves, how it reads its
+# data, and settings that change memory or speed but not what is computed. Any other field (the
+# category, model, input and preprocessing, batch size, optimiser and schedule, loss, seed, data
+# source and splits, augmentation, precision) would make the resumed run train something else.
+RESUMABLE = frozenset({
+    'stop_at_step', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'num_vis_images', 'eval_batch_size', 'data.num_eval_images', 'data.worker_count', 'data.worker_buffer_size',
+    'data.num_threads', 'data.data_dir', 'data.synthetic_dir', 'remat', 'remat_policy', 'model.conv_algorithm',
+    'init_from', 'init_backbone',  # ignored when resuming: the checkpoint wins
+})
+
+
+def flatten(config) -> dict[str, Any]:
+  """{'data.source': 'tfds', ...}: every leaf of a config by its dotted name, as JSON keeps it."""
+  flat = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, Mapping):
+        walk(value, f'{prefix}{key}.')
+      else:
+        flat[prefix + key] = value
+
+  walk(config.to_dict() if hasattr(config, 'to_dict') else config, '')
+  return json.loads(json.dumps(flat))  # tuples -> lists, as a stored config reads back
+
+
+def check_resume(stored: Mapping[str, Any], config, where: str = 'the workdir') -> None:
+  """Raises ConfigError naming every field outside RESUMABLE whose value in `config` differs from the
+  `stored` one (flatten() of the config the run was started with), with both values."""
+  new = flatten(config)
+  missing = object()
+  changed = [(k, stored.get(k, missing), new.get(k, missing)) for k in sorted(set(stored) | set(new))
+             if k not in RESUMABLE and stored.get(k, missing) != new.get(k, missing)]
+  if not changed:
+    return
+  show = lambda v: '(absent)' if v is missing else repr(v)  # pylint: disable=unnecessary-lambda-assignment
+  fields = '; '.join(f'config.{k}: {show(old)} when the run started, {show(now)} now' for k, old, now in changed)
+  raise ConfigError(f'{where} holds a run started with another config, and resuming it would train something '
+                    f'else: {fields}. Resume with the values it started with, or train in a new --workdir')

@@ -130,7 +130,9 @@ def evaluate_model(config, checkpoint_path: str, split: str | None = None, batch
   from kpjax import config_check  # pylint: disable=g-import-not-at-top
   from kpjax import inference  # pylint: disable=g-import-not-at-top
   from kpjax import metrics  # pylint: disable=g-import-not-at-top
+  from kpjax import parallel  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   config_check.check_config(config, training=False)
   if batch_size is not None and batch_size < 1:
     raise EvaluationError(f'--batch-size must be at least 1; got {batch_size}')
@@ -140,10 +142,12 @@ def evaluate_model(config, checkpoint_path: str, split: str | None = None, batch
   # A training workdir holds the synthetic data it trained on (config.data.synthetic_dir = '').
   workdir = checkpoint_path if os.path.isdir(os.path.join(checkpoint_path, 'checkpoints')) else None
   source = pipeline.get_source(config.data, split or config.data.eval_split, workdir=workdir)
-  batches = pipeline.eval_batches(source, spec, config.data, batch_size=batch_size or int(config.eval_batch_size),
-                                  max_images=max_images)
-  predict_fn = inference.make_predict_fn(model, flip=flip, category=spec.category)
-  scores, preds = inference.evaluate_batches(predict_fn, variables, batches, spec)
+  mesh = parallel.make_mesh()  # every device takes its share of each batch
+  batches = pipeline.eval_batches(
+      source, spec, config.data, batch_size=parallel.local_batch_size(batch_size or int(config.eval_batch_size), mesh),
+      process_index=jax.process_index(), process_count=jax.process_count(), max_images=max_images)
+  predict_fn = inference.make_predict_fn(model, flip=flip, category=spec.category, mesh=mesh)
+  scores, preds = inference.evaluate_batches(predict_fn, parallel.replicate(variables, mesh), batches, spec, mesh)
   _, ok = metrics.normalization_distances(preds['keypoints'], preds['visibility'], preds['category'])
   return scores, [str(i) for i in preds['image_id'][~ok]]
 

@@ -16,12 +16,13 @@ import numpy as np
 from kpjax import checkpoint
 from kpjax import keypoints as kp
 from kpjax import metrics
+from kpjax import parallel
 from kpjax.spec import ModelSpec
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def make_predict_fn(model, *, flip: bool = False, category: str | None = None) -> PredictFn:
+def make_predict_fn(model, *, flip: bool = False, category: str | None = None, mesh=None) -> PredictFn:
   """A jitted `fn(variables, images (B, S, S, 3) f32) -> coords` in the model's output units.
 
   coords are (B, L, 2). With `flip`, the horizontally flipped batch runs too (one forward pass on 2B
@@ -29,22 +30,27 @@ def make_predict_fn(model, *, flip: bool = False, category: str | None = None) -
   left/right keypoints swapped back (`kp.flip_permutation(category)`) but x still in the flipped
   frame. `to_original` mirrors and averages such pairs in each original image's pixels, where the
   mirror is exact for both preprocessing modes (`Preprocessing.flipped_to_original`).
+
+  With a `mesh` (kpjax.parallel.make_mesh), the batch is split along its 'data' axis over every
+  device and the variables replicated: pass images as a global array (parallel.shard_batch; B a
+  multiple of the device count) and variables placed by parallel.replicate; coords come back sharded
+  like the images (parallel.local_rows reads this process's rows).
   """
-  if not flip:
-    return _compiled_predict(model, None)
-  if category is None:
-    raise ValueError('flip test-time augmentation needs the model category (to swap left and right)')
-  perm = kp.flip_permutation(category)
-  if len(perm) != model.n_locations:
-    raise ValueError(f'category {category} has {len(perm)} keypoints but the model predicts {model.n_locations}')
-  return _compiled_predict(model, tuple(int(i) for i in perm))
+  perm = None
+  if flip:
+    if category is None:
+      raise ValueError('flip test-time augmentation needs the model category (to swap left and right)')
+    perm = kp.flip_permutation(category)
+    if len(perm) != model.n_locations:
+      raise ValueError(f'category {category} has {len(perm)} keypoints but the model predicts {model.n_locations}')
+    perm = tuple(int(i) for i in perm)
+  return _compiled_predict(model, perm, mesh)
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_predict(model, perm: tuple[int, ...] | None) -> PredictFn:
-  """One jitted function per (model, flip permutation), so repeated evaluations do not recompile."""
+def _compiled_predict(model, perm: tuple[int, ...] | None, mesh) -> PredictFn:
+  """One jitted function per (model, flip permutation, mesh), so repeated evaluations do not recompile."""
 
-  @jax.jit
   def predict(variables, images):
     if perm is None:
       return model.apply(variables, images)[0]
@@ -52,7 +58,10 @@ def _compiled_predict(model, perm: tuple[int, ...] | None) -> PredictFn:
     coords = model.apply(variables, jnp.concatenate([images, images[:, :, ::-1]], axis=0))[0]
     return jnp.stack([coords[:b], coords[b:][:, np.asarray(perm)]], axis=1)
 
-  return predict
+  if mesh is None:
+    return jax.jit(predict)
+  rows = parallel.batch_sharding(mesh)
+  return jax.jit(predict, in_shardings=(parallel.replicated(mesh), rows), out_shardings=rows)
 
 
 def to_24(coords, category: str) -> np.ndarray:
@@ -80,37 +89,43 @@ def to_original(coords, affines, spec: ModelSpec) -> np.ndarray:
   return mode.coords_to_original(coords, affines, size)
 
 
-def evaluate_batches(predict_fn: PredictFn, variables, batches: Iterable[dict],
-                     spec: ModelSpec) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def evaluate_batches(predict_fn: PredictFn, variables, batches: Iterable[dict], spec: ModelSpec,
+                     mesh=None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Predicts every batch and scores the predictions with FashionAI NE.
 
   Args:
     predict_fn: from `make_predict_fn` (or any fn(variables, images) -> (B, L, 2) model coordinates).
-    variables: the model's variables.
-    batches: `kpjax.data.pipeline.eval_batches` items: 'image' (b, S, S, 3), 'affine' (b, 2, 3),
-      'keypoints' (b, 24, 2) original pixels, 'visibility' (b, 24), 'category' (b,) int,
-      'image_id' (b,), 'valid' (b,) bool (False rows are padding and dropped).
+    variables: the model's variables (with a mesh: placed by parallel.replicate).
+    batches: `kpjax.data.pipeline.eval_batches` items of this process: 'image' (b, S, S, 3), 'affine'
+      (b, 2, 3), 'keypoints' (b, 24, 2) original pixels, 'visibility' (b, 24), 'category' (b,) int,
+      'image_id' (b,), 'index' (b,) int (the image's place in the split's order), 'valid' (b,) bool
+      (False rows are padding and dropped).
     spec: the model (its category, and the input conventions that map outputs to pixels).
+    mesh: run each batch sharded over the mesh's devices (predict_fn made with the same mesh). In a
+      multi-process run every process passes its own batches (the same number of the same size),
+      and the per-image results of all of them are gathered: every process scores the whole split.
 
   Returns:
     (metrics, predictions): `metrics.normalized_error` of the valid rows, and
     {'image_id' (N,) object, 'category' (N,) int, 'pred' (N, 24, 2) original pixels (NaN outside the
-    model's keypoints), 'keypoints' (N, 24, 2), 'visibility' (N, 24)}.
+    model's keypoints), 'keypoints' (N, 24, 2), 'visibility' (N, 24)}, in the split's order.
   """
-  parts = {k: [] for k in ('image_id', 'category', 'pred', 'keypoints', 'visibility')}
+  parts = {k: [] for k in ('index', 'valid', 'image_id', 'category', 'pred', 'keypoints', 'visibility')}
   pending = None  # keep one batch in flight so that host work overlaps the next forward pass
 
   def collect(batch, coords):
-    valid = np.asarray(batch['valid'], bool)
-    pred = to_original(np.asarray(coords)[valid], np.asarray(batch['affine'])[valid], spec)
-    parts['pred'].append(to_24(pred, spec.category))
-    parts['image_id'].append(np.asarray(batch['image_id'], dtype=object)[valid])
-    parts['category'].append(np.asarray(batch['category'], np.int64)[valid])
-    parts['keypoints'].append(np.asarray(batch['keypoints'], np.float64)[valid])
-    parts['visibility'].append(np.asarray(batch['visibility'], np.int64)[valid])
+    coords = parallel.local_rows(coords) if mesh is not None else np.asarray(coords)
+    parts['pred'].append(to_24(to_original(coords, batch['affine'], spec), spec.category))
+    parts['image_id'].append(np.asarray(batch['image_id'], dtype=object))
+    parts['index'].append(np.asarray(batch['index'], np.int64))
+    parts['valid'].append(np.asarray(batch['valid'], bool))
+    parts['category'].append(np.asarray(batch['category'], np.int64))
+    parts['keypoints'].append(np.asarray(batch['keypoints'], np.float64))
+    parts['visibility'].append(np.asarray(batch['visibility'], np.int64))
 
   for batch in batches:
-    coords = predict_fn(variables, batch['image'])
+    images = parallel.shard_batch({'image': batch['image']}, mesh)['image'] if mesh is not None else batch['image']
+    coords = predict_fn(variables, images)
     if pending is not None:
       collect(*pending)
     pending = (batch, coords)
@@ -118,7 +133,13 @@ def evaluate_batches(predict_fn: PredictFn, variables, batches: Iterable[dict],
     collect(*pending)
   if not parts['pred']:
     raise ValueError('no images to evaluate: the batches were empty')
-  predictions = {k: np.concatenate(v) for k, v in parts.items()}
+  rows = {k: np.concatenate(v) for k, v in parts.items()}
+  ids = rows.pop('image_id')
+  rows = parallel.gather_rows(dict(rows, image_id=_encode_ids(ids)))
+  keep = np.flatnonzero(rows['valid'])
+  keep = keep[np.argsort(rows['index'][keep], kind='stable')]
+  predictions = {k: rows[k][keep] for k in ('category', 'pred', 'keypoints', 'visibility')}
+  predictions['image_id'] = _decode_ids(rows['image_id'][keep])
   category = spec.category
   if category != kp.ALL:
     wrong = predictions['category'] != kp.category_index(category)
@@ -130,6 +151,20 @@ def evaluate_batches(predict_fn: PredictFn, variables, batches: Iterable[dict],
   scores = metrics.normalized_error(predictions['pred'], predictions['keypoints'], predictions['visibility'],
                                     predictions['category'])
   return scores, predictions
+
+
+def _encode_ids(ids: np.ndarray) -> np.ndarray:
+  """Image ids (N,) str -> uint8 (N, W) UTF-8, zero-padded to a width W every process agrees on."""
+  encoded = [str(i).encode('utf-8') for i in ids]
+  width = int(parallel.gather_rows({'w': np.array([max(map(len, encoded), default=0)])})['w'].max())
+  codes = np.zeros((len(encoded), max(width, 1)), np.uint8)
+  for row, data in zip(codes, encoded):
+    row[:len(data)] = np.frombuffer(data, np.uint8)
+  return codes
+
+
+def _decode_ids(codes: np.ndarray) -> np.ndarray:
+  return np.array([bytes(row).rstrip(b'\0').decode('utf-8') for row in codes], dtype=object)
 
 
 def load_predictor(checkpoint_path: str, config=None, step: int | None = None):

@@ -209,6 +209,7 @@ def assign_categories(items: list[tuple[str, str]], model_category: str, categor
 def run(args) -> int:
   from kpjax import config_check  # pylint: disable=g-import-not-at-top
   from kpjax import inference  # pylint: disable=g-import-not-at-top  (JAX only once arguments are fine)
+  from kpjax import parallel  # pylint: disable=g-import-not-at-top
   from kpjax import visualize  # pylint: disable=g-import-not-at-top
   from kpjax.data import csv_io  # pylint: disable=g-import-not-at-top
 
@@ -227,11 +228,13 @@ def run(args) -> int:
           file=sys.stderr)
   if not work:
     raise UsageError(f'none of the {len(items)} images is a {category} in {args.categories}')
-  predict_fn = inference.make_predict_fn(model, flip=args.flip, category=category)
+  mesh = parallel.make_mesh()  # every device of this machine takes its share of each batch
+  variables = parallel.replicate(variables, mesh)
+  predict_fn = inference.make_predict_fn(model, flip=args.flip, category=category, mesh=mesh)
 
   rows: list[tuple[str, str, list[str]]] = []
   failed = list(problems)
-  batch_size = min(args.batch_size, len(work))
+  batch_size = parallel.local_batch_size(min(args.batch_size, len(work)), mesh)
   start = time.perf_counter()
   for batch in prepared_batches(work, batch_size, spec, keep_images=bool(args.draw)):
     ok = [b for b in batch if 'error' not in b]
@@ -243,7 +246,7 @@ def run(args) -> int:
       continue
     inputs = np.zeros((batch_size, size, size, 3), np.float32)  # fixed shape: one compilation
     inputs[:len(ok)] = np.stack([b['input'] for b in ok])
-    coords = np.asarray(predict_fn(variables, inputs))[:len(ok)]
+    coords = parallel.local_rows(predict_fn(variables, parallel.shard_batch({'x': inputs}, mesh)['x']))[:len(ok)]
     pixels = inference.to_24(inference.to_original(coords, np.stack([b['affine'] for b in ok]), spec), category)
     for b, p in zip(ok, pixels):
       h, w = b['size']

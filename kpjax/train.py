@@ -93,9 +93,8 @@ def _read_backbone(config, workdir: str) -> dict | None:
   workdir is touched; None without one, or when the workdir holds a checkpoint (resuming: it wins)."""
   if not config.init_backbone:
     return None
-  checkpoints = os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR)
-  if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
-    print(f'note: resuming from {checkpoints}; config.init_backbone is ignored (the checkpoint wins)', flush=True)
+  if ckpt_lib.has_checkpoint(workdir):
+    print(f'note: resuming from {workdir}; config.init_backbone is ignored (the checkpoint wins)', flush=True)
     return None
   return backbone_lib.read_for_model(config.init_backbone, ts.build_model(config))
 
@@ -146,15 +145,20 @@ class _StopRequest:
 
 
 def _evaluate(config, spec: spec_lib.ModelSpec, params, eval_source, step: int, workdir: str,
-              writer: MetricWriter, predict_fn) -> float:
+              writer: MetricWriter, predict_fn, mesh) -> dict[str, float]:
+  """Scores `params` (replicated on `mesh`) on the evaluation split, every device and process taking
+  its share; logs eval/ne, eval/ne/<category>, eval/pck@.. and eval/images; process 0 draws a grid."""
   from kpjax import inference  # pylint: disable=g-import-not-at-top
   from kpjax import visualize  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
-  batches = pipeline.eval_batches(eval_source, spec, config.data, batch_size=int(config.eval_batch_size),
+  batches = pipeline.eval_batches(eval_source, spec, config.data,
+                                  batch_size=parallel.local_batch_size(int(config.eval_batch_size), mesh),
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
                                   max_images=int(config.data.num_eval_images))
-  scores, preds = inference.evaluate_batches(predict_fn, {'params': params}, batches, spec)
+  scores, preds = inference.evaluate_batches(predict_fn, {'params': params}, batches, spec, mesh)
   record = {f'eval/{k}': float(v) for k, v in scores.items()
             if isinstance(v, (int, float, np.floating, np.integer)) and (k == 'ne' or k.startswith(('ne/', 'pck')))}
+  record['eval/images'] = float(len(preds['image_id']))
   writer.write(step, record)
   n_vis = min(int(config.num_vis_images), len(preds['image_id']))
   if n_vis and jax.process_index() == 0:
@@ -170,7 +174,20 @@ def _evaluate(config, spec: spec_lib.ModelSpec, params, eval_source, step: int, 
     visualize.save_prediction_grid(os.path.join(workdir, 'predictions', f'step_{step:07d}.png'), images,
                                    preds['pred'][:n_vis], preds['category'][:n_vis], preds['keypoints'][:n_vis],
                                    preds['visibility'][:n_vis])
-  return float(scores['ne'])
+  return record
+
+
+def _check_resumable(config, workdir: str) -> None:
+  """Refuses to resume a workdir whose run was started with a config that trains something else,
+  before anything in it is touched (see kpjax.config_check.check_resume)."""
+  if not ckpt_lib.has_checkpoint(workdir):  # a fresh run
+    return
+  stored = ckpt_lib.read_metadata(workdir)
+  if 'config' not in stored:
+    print(f'note: the checkpoints in {workdir} do not record their config; resuming without checking it',
+          flush=True)
+    return
+  config_check.check_resume(stored['config'], config, where=workdir)
 
 
 def make_train_iterator(config, source, process_index: int = 0, process_count: int = 1):
@@ -202,6 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   check_devices(config, mesh.devices.size)
   spec = spec_lib.ModelSpec.from_config(config)
+  _check_resumable(config, workdir)
   pretrained = _read_backbone(config, workdir)
   process, num_processes = jax.process_index(), jax.process_count()
   print(f'devices: {jax.device_count()}, processes: {num_processes} ({jax.devices()[0].platform}); '
@@ -226,11 +244,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     train_iter.set_state(data_state)
     print(f'resumed from step {start} in {manager.directory}', flush=True)
   state = parallel.replicate(jax.device_get(state), mesh)
-  predict_fn = inference.make_predict_fn(model.clone(remat=False))
-  metadata = spec.metadata()
+  predict_fn = inference.make_predict_fn(model.clone(remat=False), mesh=mesh)
+  metadata = spec.metadata(config=config_check.flatten(config))  # resuming checks the config against it
 
   def evaluate(step: int) -> float:
-    return _evaluate(config, spec, jax.device_get(state.params), eval_source, step, workdir, writer, predict_fn)
+    record = _evaluate(config, spec, state.params, eval_source, step, workdir, writer, predict_fn, mesh)
+    progress.note(f'step {step}: eval/ne {record["eval/ne"]:.4f} ({int(record["eval/images"])} images, '
+                  f'{jax.device_count()} devices, {num_processes} processes)')
+    return record['eval/ne']
 
   total = int(config.total_steps)
   end = min(total, int(config.stop_at_step) or total)
@@ -252,9 +273,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         window.add(*pending, manager)
       pending = (step, metrics)
       log = step % config.log_every_steps == 0 or step == end
-      eval_now = step % config.eval_every_steps == 0 or step == total
+      eval_now = step % config.eval_every_steps == 0 or step == end  # end: total_steps, or this slot's stop_at_step
       stopping = stop.should_stop(step, share=log)
-      save = step % config.checkpoint_every_steps == 0 or step == end or stopping
+      # Every evaluation is checkpointed, so that the best by eval/ne is one that was kept.
+      save = step % config.checkpoint_every_steps == 0 or step == end or stopping or eval_now
       if not (log or eval_now or save):
         continue
       window.add(*pending, manager)  # every boundary reads its own step's metrics before acting
@@ -266,7 +288,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       paused = time.perf_counter()
       if eval_now:
         last_ne = evaluate(step)
-        progress.note(f'step {step}: eval/ne {last_ne:.4f}')
       if save:
         _save(manager, step, state, metadata, train_iter.get_state(), last_ne if eval_now else None)
       window.exclude(time.perf_counter() - paused)  # images/s counts training time only
@@ -327,7 +348,8 @@ class _TrainWindow:
 
 
 def _train(args) -> int:
-  parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                  args.initialization_timeout)
   try:
     result = train_and_evaluate(args.config, args.workdir)
   except KeyboardInterrupt:  # a second Ctrl-C: gave up without saving
@@ -354,7 +376,18 @@ def main(argv=None) -> int:
                       'cluster is not detected: SLURM, Open MPI and TPU pods are)')
   parser.add_argument('--num_processes', type=int, help='number of processes (with --coordinator_address)')
   parser.add_argument('--process_id', type=int, help='this process index (with --coordinator_address)')
-  return cli.run(_train, cli.parse(parser, argv))
+  parser.add_argument('--initialization_timeout', type=int, default=parallel.DEFAULT_INITIALIZATION_TIMEOUT_S,
+                      help='seconds a multi-process run waits for all its processes to join before it fails')
+  args = cli.parse(parser, argv)
+  from kpjax import supervise  # pylint: disable=g-import-not-at-top
+  if not supervise.is_supervised():
+    try:
+      run = parallel.requested_run(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as e:
+      cli.error(str(e))
+    if run is not None:  # JAX's runtime aborts on some failures: a child process runs it, this one reports
+      return supervise.run_supervised('kpjax.train', sys.argv[1:] if argv is None else argv, run)
+  return cli.run(_train, args)
 
 
 if __name__ == '__main__':

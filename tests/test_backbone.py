@@ -205,7 +205,8 @@ def test_training_starts_from_vgg19_and_resuming_ignores_it(vgg19, tmp_path, mon
   variables, _ = ckpt_lib.load_model(workdir)  # step 1 at learning rate 0: the weights training started from
   check_backbone_loaded(variables['params'], state, created[0].params)
   # resuming: the checkpoint wins, the file is not even read
-  result = train.train_and_evaluate(_config(init_backbone=str(tmp_path / 'gone.pth')), workdir)
+  result = train.train_and_evaluate(_config(init_backbone=str(tmp_path / 'gone.pth'), backbone_lr_multiplier=0.5),
+                                    workdir)
   assert result['step'] == 1
   assert 'config.init_backbone is ignored (the checkpoint wins)' in capsys.readouterr().out
 

@@ -134,9 +134,10 @@ def test_evaluate_batches_scores_a_model_that_finds_the_keypoints(tmp_path):
     gt[kp.keypoint_indices('skirt')] = [centres[0], centres[1], centres[2], centres[0]]
     vis = np.where(kp.category_mask('skirt'), 1, -1)
     batches.append({'image': x, 'affine': affine, 'keypoints': gt, 'visibility': vis,
-                    'category': kp.category_index('skirt'), 'image_id': f'img{len(batches)}', 'valid': True})
+                    'category': kp.category_index('skirt'), 'image_id': f'img{len(batches)}',
+                    'index': len(batches), 'valid': True})
   # Batches of two, the last padded with a copy marked invalid.
-  padded = batches + [dict(batches[0], valid=False, image_id='pad')]
+  padded = batches + [dict(batches[0], valid=False, image_id='pad', index=-1)]
   stacked = [{k: np.stack([b[k] for b in padded[i:i + 2]]) for k in padded[0]} for i in (0, 2)]
   predict_fn = inference.make_predict_fn(model)
   scores, preds = inference.evaluate_batches(predict_fn, variables, stacked, spec)

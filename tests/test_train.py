@@ -90,11 +90,14 @@ def test_run_writes_metrics_checkpoints_and_pictures(trained):
 
 def test_keeps_the_latest_and_the_best_checkpoint_by_eval_ne(tmp_path, monkeypatch):
   fx.install_source(monkeypatch)
-  scripted = {0: 1.0, 2: 0.5, 4: 0.2, 6: 0.6, 8: 0.7}  # eval/ne by step: the best is step 4
-  monkeypatch.setattr(train, '_evaluate', lambda config, model, params, source, step, *a: scripted[step])
-  train.train_and_evaluate(fx.tiny_config(eval_every_steps=2, checkpoint_every_steps=2, keep_checkpoints=1),
+  scripted = {0: 1.0, 2: 0.2, 4: 0.5, 6: 0.6, 8: 0.7}  # eval/ne by step: the best is step 2
+  monkeypatch.setattr(train, '_evaluate', lambda config, spec, params, source, step, *a: {
+      'eval/ne': scripted[step], 'eval/images': 8.0})
+  # Evaluations every 2 steps, checkpoints every 4: every evaluation is checkpointed all the same, and
+  # rotation (keep 1) keeps the latest and the best.
+  train.train_and_evaluate(fx.tiny_config(eval_every_steps=2, checkpoint_every_steps=4, keep_checkpoints=1),
                            str(tmp_path))
-  assert sorted(os.listdir(tmp_path / 'checkpoints'), key=int) == ['4', '8']
+  assert sorted(os.listdir(tmp_path / 'checkpoints'), key=int) == ['2', '8']
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -155,7 +158,7 @@ _SMALL_DEMO = ['--config.data.synthetic_num_images=60', '--config.input_size=32'
 
 def test_cli_overrides_sigterm_saves_and_a_rerun_resumes(tmp_path):
   workdir = tmp_path / 'demo'
-  proc = subprocess.Popen(_cli(workdir, *_SMALL_DEMO, '--config.total_steps=100000'), cwd=REPO,
+  proc = subprocess.Popen(_cli(workdir, *_SMALL_DEMO, '--config.total_steps=1000'), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:  # wait for a few logged steps, then preempt
@@ -173,7 +176,8 @@ def test_cli_overrides_sigterm_saves_and_a_rerun_resumes(tmp_path):
   assert (meta['category'], meta['input_size'], meta['num_stages'], meta['step']) == ('all', 32, 1, stopped)
   assert os.path.isdir(workdir / 'synthetic' / 'tfds')  # the demo made its data in the workdir
 
-  rerun = subprocess.run(_cli(workdir, *_SMALL_DEMO, f'--config.total_steps={stopped + 2}'), cwd=REPO,
+  rerun = subprocess.run(_cli(workdir, *_SMALL_DEMO, '--config.total_steps=1000', f'--config.stop_at_step={stopped + 2}'),
+                         cwd=REPO,
                          capture_output=True, text=True, timeout=240)
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert f'resumed from step {stopped}' in rerun.stdout and f'done: step {stopped + 2}' in rerun.stdout

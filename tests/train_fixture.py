@@ -41,7 +41,7 @@ def make_records(n: int, seed: int, category: str = 'trousers') -> list[dict]:
   return records
 
 
-RECORDS = {'train': make_records(16, 0), 'validation': make_records(8, 1)}
+RECORDS = {'train': make_records(16, 0), 'validation': make_records(9, 1)}  # 9: an odd number to share out
 
 
 def _get_source(data, split, workdir=None):
@@ -115,11 +115,20 @@ def train_losses(workdir: str) -> list[tuple[int, float]]:
 
 
 if __name__ == '__main__':
+  # python tests/train_fixture.py WORKDIR JSON: trains tiny_config(**JSON) in WORKDIR on RECORDS and prints the
+  # summary as JSON. JSON may hold '_distributed': {coordinator, num_processes, process_id} (a process of a
+  # multi-process run; without it, what the environment says: kpjax.parallel.initialize_distributed), and
+  # '_evaluate': true (then also print kpjax.evaluate's scores of the workdir's latest checkpoint).
+  from kpjax import evaluate  # pylint: disable=g-import-not-at-top
   from kpjax import parallel  # pylint: disable=g-import-not-at-top
   from kpjax import train  # pylint: disable=g-import-not-at-top
   workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
-  dist = overrides.pop('_distributed', None)
-  if dist:
-    parallel.initialize_distributed(dist['coordinator'], dist['num_processes'], dist['process_id'])
+  dist = overrides.pop('_distributed', None) or {}
+  then_evaluate = overrides.pop('_evaluate', False)
+  parallel.initialize_distributed(dist.get('coordinator'), dist.get('num_processes'), dist.get('process_id'))
   install_source()
-  print(json.dumps(train.train_and_evaluate(tiny_config(**overrides), workdir)))
+  config = tiny_config(**overrides)
+  print(json.dumps(train.train_and_evaluate(config, workdir)))
+  if then_evaluate:
+    scores, _ = evaluate.evaluate_model(config, workdir)
+    print(json.dumps({'evaluate/ne': scores['ne'], 'evaluate/images': scores['images']}))

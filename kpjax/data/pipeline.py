@@ -296,6 +296,10 @@ class EvalTransform(grain.transforms.Map):
     }
 
 
+def _with_index(item: dict[str, Any], index: int) -> dict[str, Any]:
+  return dict(item, index=np.int64(index))
+
+
 # ---- Iterators ----------------------------------------------------------------------------------
 
 
@@ -457,6 +461,7 @@ def _padding_item(size: int) -> dict[str, Any]:
       'visibility': np.full(kp.NUM_KEYPOINTS, -1, np.int32),
       'category': np.int32(0),
       'image_id': '',
+      'index': np.int64(-1),
       'valid': False,
   }
 
@@ -484,7 +489,9 @@ def eval_batches(source: Sequence, spec: ModelSpec, data, *, batch_size: int, pr
   Yields:
     {'image' f32 (b, S, S, 3), 'affine' f64 (b, 2, 3) original px -> input px, 'keypoints' f32 (b, 24, 2)
      original px, 'visibility' int32 (b, 24), 'category' int32 (b,), 'image_id' object (b,) str,
-     'valid' bool (b,)}; padding rows have valid False, a zero image, an identity affine, visibility -1.
+     'index' int64 (b,) the image's place among the selected images (the split's order, whichever
+     process has it), 'valid' bool (b,)}; padding rows have valid False, index -1, a zero image, an
+     identity affine, visibility -1.
   """
   _check_process(process_index, process_count)
   if batch_size <= 0:
@@ -493,16 +500,18 @@ def eval_batches(source: Sequence, spec: ModelSpec, data, *, batch_size: int, pr
     raise ValueError(f'max_images must be >= 0 (0 = all); got {max_images}')
   selected = _selected_indices(source, spec.category, max_images)
   num_batches = math.ceil(math.ceil(len(selected) / process_count) / batch_size)
-  return _eval_generator(source, spec, data, selected[process_index::process_count], batch_size, num_batches)
+  return _eval_generator(source, spec, data, selected, process_index, process_count, batch_size, num_batches)
 
 
-def _eval_generator(source, spec, data, indices, batch_size, num_batches):
+def _eval_generator(source, spec, data, selected, process_index, process_count, batch_size, num_batches):
+  mine = np.arange(len(selected))[process_index::process_count]  # places in the split's order
   items = iter(())
-  if len(indices):
-    items = iter(grain.MapDataset.source(_Subset(source, indices)).map(EvalTransform(spec))
+  if len(mine):
+    items = iter(grain.MapDataset.source(_Subset(source, selected[mine])).map(EvalTransform(spec))
                  .to_iter_dataset(_read_options(data)))
+  places = iter(mine)
   for _ in range(num_batches):
-    chunk = [item for _, item in zip(range(batch_size), items)]
+    chunk = [_with_index(item, next(places)) for _, item in zip(range(batch_size), items)]
     chunk += [_padding_item(spec.input_size)] * (batch_size - len(chunk))
     yield _stack(chunk)
 
