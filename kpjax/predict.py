@@ -216,10 +216,10 @@ def run(args) -> int:
   if args.config is not None:
     config_check.check_config(args.config, training=False)
   items, problems = collect_images(args.images)
-  for p in problems:
-    print(f'warning: {p}', file=sys.stderr)
   if not items:
     raise UsageError('no images to predict: ' + ('; '.join(problems) if problems else 'none given'))
+  for p in problems:
+    print(f'warning: {p}', file=sys.stderr)
   model, variables, spec, _ = inference.load_predictor(args.checkpoint, args.config, step=args.step)
   category, size = spec.category, spec.input_size
   work, left_out = assign_categories(items, category, args.category, args.categories)
