@@ -24,9 +24,10 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Callable, Sequence
+
+from kpjax import cli
 
 # Samples where other processes used more than this many cores on average are "busy".
 BUSY_CORES = 0.15
@@ -37,20 +38,14 @@ CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
 # ---- Flags ------------------------------------------------------------------------------------------
 
 
-def fail(message: str):
-  """The project's convention for a user's mistake: one `error: ...` line on stderr, exit status 2."""
-  sys.stderr.write(f'error: {message}\n')
-  sys.exit(2)
+fail = cli.error  # the project's convention for a user's mistake: one `error: ...` line, exit status 2
 
 
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose usage errors follow `fail`; --help prints the script's whole docstring."""
+class ArgumentParser(cli.ArgumentParser):
+  """kpjax's CLI parser (usage errors as one `error:` line); --help prints the script's whole docstring."""
 
   def __init__(self, doc: str, **kwargs):
-    super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-  def error(self, message: str):
-    fail(message)
+    super().__init__(description=doc, **kwargs)
 
 
 def input_size(text: str) -> int:
@@ -62,44 +57,23 @@ def input_size(text: str) -> int:
   return value
 
 
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected a positive integer; got {text!r}') from None
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f'expected a positive integer; got {text}')
-  return value
+def _number(kind, test, expected: str):
+  """An argparse type: `kind(text)` where `test` holds, else an error saying `expected`."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'expected {expected}; got {text!r}') from None
+    if not test(value):
+      raise argparse.ArgumentTypeError(f'expected {expected}; got {text}')
+    return value
+  return parse
 
 
-def non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected an integer >= 0; got {text!r}') from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'expected an integer >= 0; got {text}')
-  return value
-
-
-def positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected a positive number; got {text!r}') from None
-  if not value > 0 or math.isinf(value):
-    raise argparse.ArgumentTypeError(f'expected a positive number; got {text}')
-  return value
-
-
-def non_negative_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected a number >= 0; got {text!r}') from None
-  if not value >= 0 or math.isinf(value):
-    raise argparse.ArgumentTypeError(f'expected a number >= 0; got {text}')
-  return value
+positive_int = _number(int, lambda v: v > 0, 'a positive integer')
+non_negative_int = _number(int, lambda v: v >= 0, 'an integer >= 0')
+positive_float = _number(float, lambda v: v > 0 and not math.isinf(v), 'a positive number')
+non_negative_float = _number(float, lambda v: v >= 0 and not math.isinf(v), 'a number >= 0')
 
 
 def num_stages(text: str) -> int:

@@ -52,7 +52,7 @@ class ArgumentParser(argparse.ArgumentParser):
     super().__init__(*args, **kwargs)
 
   def error(self, message: str) -> NoReturn:
-    error(f'{message} (python -m {self.prog.removeprefix("python -m ")} --help lists the flags)')
+    error(f'{message} ({self.prog} --help lists the flags)')
 
   def add_config_flag(self, required: bool = True, help_text: str = '') -> None:
     """`--config FILE` (configs/X.py) plus any number of `--config.FIELD=VALUE` overrides."""

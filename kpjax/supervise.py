@@ -37,8 +37,10 @@ def _reason(fatal: str, following: list[str]) -> str:
 def run_supervised(module: str, argv: Sequence[str], what: str) -> int:
   """Runs `python -m module *argv` as a child and returns its exit status (1 after a runtime abort,
   reported as `error: <what>: ...`)."""
+  # Its own process group: a terminal's Ctrl-C reaches this process only, which forwards it once (a
+  # second SIGINT would make the child give up without saving).
   child = subprocess.Popen([sys.executable, '-m', module, *argv], stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, _SUPERVISED: '1'})
+                           env={**os.environ, _SUPERVISED: '1'}, process_group=0)
   forwarded = {s: signal.signal(s, lambda signum, _: child.send_signal(signum))
                for s in (signal.SIGTERM, signal.SIGINT)}
   fatal: list[str] = []

@@ -25,6 +25,7 @@ for a seed, whatever `num_images` is.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import hashlib
@@ -431,15 +432,20 @@ def _example(seed: int, stream: int, index: int) -> tuple[str, Example]:
   return f'Images/{category}/{name}.jpg', ex
 
 
+def _write_example(split_dir: str, seed: int, stream: int, index: int) -> tuple[str, str, list[str]]:
+  image_id, ex = _example(seed, stream, index)
+  path = os.path.join(split_dir, image_id)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(_encode_jpeg(ex.image))
+  return image_id, ex.category, csv_io.annotation_cells(ex.keypoints, ex.visibility)
+
+
 def _write_split(split_dir: str, seed: int, stream: int, count: int) -> list[tuple[str, str, list[str]]]:
-  rows = []
-  for i in range(count):
-    image_id, ex = _example(seed, stream, i)
-    path = os.path.join(split_dir, image_id)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:
-      f.write(_encode_jpeg(ex.image))
-    rows.append((image_id, ex.category, csv_io.annotation_cells(ex.keypoints, ex.visibility)))
+  # Each image has its own random stream, so threads (PIL and numpy release the GIL while they draw
+  # and encode) write the same files in any order.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    rows = list(pool.map(lambda i: _write_example(split_dir, seed, stream, i), range(count)))
   rows.sort(key=lambda r: (kp.CATEGORIES.index(r[1]), r[0]))  # grouped by category, as the release
   return rows
 
