@@ -7,19 +7,14 @@ import pytest
 
 from kpjax import config_check
 from kpjax.configs import base
+import train_fixture
 
 SHIPPED = ('base', 'demo', 'all', 'blouse', 'dress', 'outwear', 'skirt', 'trousers')
 
 
 def _config(**overrides):
-  config = base.get_config()
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split('__')
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  """The base config with model__width=... set as config.model.width."""
+  return train_fixture.with_overrides(base.get_config(), {k.replace('__', '.'): v for k, v in overrides.items()})
 
 
 @pytest.mark.parametrize('name', SHIPPED)

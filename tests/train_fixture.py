@@ -72,6 +72,11 @@ def tiny_config(**overrides):
   config.eval_every_steps = 4
   config.checkpoint_every_steps = 4
   config.num_vis_images = 2
+  return with_overrides(config, overrides)
+
+
+def with_overrides(config, overrides: dict):
+  """`config` with {'model.width': 0.5, ...} set by dotted name, as --config.model.width=0.5 would."""
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split('.')
