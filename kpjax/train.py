@@ -20,6 +20,7 @@ from kpjax import backbone as backbone_lib
 from kpjax import checkpoint as ckpt_lib
 from kpjax import cli
 from kpjax import config_check
+from kpjax import model as kpmodel
 from kpjax import parallel
 from kpjax import spec as spec_lib
 from kpjax import train_step as ts
@@ -77,15 +78,24 @@ def _restore(manager, state: ts.TrainState) -> tuple[ts.TrainState, dict | None]
   return ts.TrainState(**restored['state']), pipeline.state_from_json(restored['data']['iterator'])
 
 
-def _init_from(path: str, spec: spec_lib.ModelSpec, state: ts.TrainState) -> ts.TrainState:
-  """Replaces the fresh parameters by those of a converted or exported model (fine-tuning)."""
+def _read_init_from(config, spec: spec_lib.ModelSpec, workdir: str) -> Any:
+  """The parameters of the converted or exported model config.init_from names (fine-tuning), read and
+  checked against the network before the workdir is touched; None without one, or when the workdir
+  holds a checkpoint (resuming: it wins)."""
+  path = config.init_from
+  if not path or ckpt_lib.has_checkpoint(workdir):
+    return None
   variables, metadata = ckpt_lib.load_model(path)
   found = ckpt_lib.check_metadata(metadata)
   spec.check_matches(found, spec_lib.NETWORK_FIELDS, theirs=f'init_from {path}')
   if found.preprocessing != spec.preprocessing:
     print(f'note: {path} was trained with preprocessing={found.preprocessing.name!r}, this run uses '
           f'{spec.preprocessing.name!r}; the first steps will adapt the model to the new input conventions')
-  return state.replace(params=jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), variables['params']))
+  fresh = jax.eval_shape(lambda: kpmodel.init_variables(spec.build(), jax.random.key(0), 8))['params']
+  if jax.tree_util.tree_map(np.shape, variables['params']) != jax.tree_util.tree_map(np.shape, fresh):
+    raise ckpt_lib.CheckpointError(f'init_from {path}: its parameter tree differs from this model\'s '
+                                   '(layers or shapes), though its metadata describes the same model')
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), variables['params'])
 
 
 def _read_backbone(config, workdir: str) -> dict | None:
@@ -221,6 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   spec = spec_lib.ModelSpec.from_config(config)
   _check_resumable(config, workdir)
   pretrained = _read_backbone(config, workdir)
+  initial = _read_init_from(config, spec, workdir)
   process, num_processes = jax.process_index(), jax.process_count()
   print(f'devices: {jax.device_count()}, processes: {num_processes} ({jax.devices()[0].platform}); '
         f'workdir: {workdir}', flush=True)
@@ -232,9 +243,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   manager = _checkpoint_manager(workdir, config)
   state, data_state = _restore(manager, state)
   start = int(state.step)
-  if start == 0 and config.init_from:
-    state = _init_from(config.init_from, spec, state)
-    state = state.replace(opt_state=optimizer.init(state.params))
+  if start == 0 and initial is not None:
+    state = state.replace(params=initial, opt_state=optimizer.init(initial))
   if start == 0 and pretrained is not None:
     state = state.replace(params=backbone_lib.copy_into(state.params, pretrained))
     state = state.replace(opt_state=optimizer.init(state.params))

@@ -142,6 +142,15 @@ def test_init_from_starts_from_a_saved_model_and_checks_it_fits(trained, tmp_pat
   with pytest.raises(ValueError, match=r'num_stages = 2 in the config but 1 in init_from .*--config.model.num_stages=1'):
     train.train_and_evaluate(fx.tiny_config(init_from=source_dir, **{'model.num_stages': 2}),
                              str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad').exists()  # refused before the workdir is made
+  # Metadata that describes this model over arrays that do not fit it (a damaged or hand-made file).
+  variables, metadata = ckpt_lib.load_model(source_dir)
+  kernel = variables['params']['fcn']['model1_0_0']['conv1_1']['kernel']
+  variables['params']['fcn']['model1_0_0']['conv1_1']['kernel'] = kernel[:, :, :, :-1]
+  ckpt_lib.save_model(str(tmp_path / 'tampered'), variables, metadata)
+  with pytest.raises(ckpt_lib.CheckpointError, match='its parameter tree differs from this model'):
+    train.train_and_evaluate(fx.tiny_config(init_from=str(tmp_path / 'tampered')), str(tmp_path / 'bad2'))
+  assert not (tmp_path / 'bad2').exists()
 
 
 def _cli(workdir, *overrides, config='demo.py'):
