@@ -40,7 +40,7 @@ class ConfigFileError(ValueError):
 
 def error(message: str, status: int = USAGE_ERROR) -> NoReturn:
   """Reports `message` as one `error:` line on stderr and exits with `status`."""
-  sys.exit(_report(message, status))
+  sys.exit(report(message, status))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -169,16 +169,17 @@ def run(fn: Callable[..., int | None], *args, **kwargs) -> int:
   try:
     status = fn(*args, **kwargs)
   except RunFailed as e:
-    return _report(str(e), RUN_FAILED)
+    return report(str(e), RUN_FAILED)
   except ValueError as e:
-    return _report(str(e), USAGE_ERROR)
+    return report(str(e), USAGE_ERROR)
   except OSError as e:  # unreadable or unwritable files
-    return _report(f'{e.filename}: {e.strerror}' if e.filename and e.strerror else str(e), USAGE_ERROR)
+    return report(f'{e.filename}: {e.strerror}' if e.filename and e.strerror else str(e), USAGE_ERROR)
   except KeyboardInterrupt:
-    return _report('interrupted', INTERRUPTED)
+    return report('interrupted', INTERRUPTED)
   return OK if status is None else int(status)
 
 
-def _report(message: str, status: int) -> int:
+def report(message: str, status: int) -> int:
+  """Prints `message` as one `error:` line on stderr (white space folded) and returns `status`."""
   print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
   return status

@@ -177,10 +177,8 @@ def load_predictor(checkpoint_path: str, config=None, step: int | None = None):
   """
   variables, metadata = checkpoint.load_model(checkpoint_path, step=step)
   spec = checkpoint.check_metadata(metadata)
-  kwargs = {}
-  if config is not None:
-    ModelSpec.from_config(config).check_matches(spec, theirs=f'the checkpoint {checkpoint_path}')
-    kwargs['dtype'] = jnp.dtype(config.compute_dtype)
-    if config.model.conv_algorithm:
-      kwargs['conv_algorithm'] = config.model.conv_algorithm
-  return spec.build(**kwargs), variables, spec, metadata
+  if config is None:
+    return spec.build(), variables, spec, metadata
+  ModelSpec.from_config(config).check_matches(spec, theirs=f'the checkpoint {checkpoint_path}')
+  model = spec.build(config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype))
+  return model, variables, spec, metadata

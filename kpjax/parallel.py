@@ -22,6 +22,10 @@ from kpjax import cli
 
 DATA_AXIS = 'data'
 DEFAULT_INITIALIZATION_TIMEOUT_S = 300  # jax.distributed.initialize's own default
+# The end of every message about a multi-process run that could not start or went on without a peer.
+NO_FALLBACK = ('kpjax does not fall back to one process (each would train its own model into the same workdir): '
+               'check that every process was started, that they reach each other, or pass --coordinator_address, '
+               '--num_processes and --process_id')
 
 
 class DistributedStartupError(cli.RunFailed):
@@ -115,9 +119,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     cause = ' '.join(str(e).split()) or type(e).__name__
     raise DistributedStartupError(
         f'could not join {where}: jax.distributed.initialize() failed: {type(e).__name__}: {cause}. '
-        'kpjax does not fall back to one process (each would train its own model into the same workdir): '
-        'check that every process was started, that they reach each other, or pass --coordinator_address, '
-        '--num_processes and --process_id') from None
+        + NO_FALLBACK) from None
   return where
 
 

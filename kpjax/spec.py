@@ -80,13 +80,13 @@ class ModelSpec:
     meta.update(extra)
     return meta
 
-  def build(self, **kwargs):
-    """The CoordRegressionNetwork; kwargs (dtype, remat, conv_algorithm...) pass through. The
-    convolutions default to the preprocessing mode's (direct ones for converted KPDEM models)."""
+  def build(self, conv_algorithm: str = '', **kwargs):
+    """The CoordRegressionNetwork; kwargs (dtype, remat...) pass through. `conv_algorithm` '' (as
+    config.model.conv_algorithm defaults) is the preprocessing mode's ('direct-pooled' for converted
+    KPDEM models)."""
     from kpjax.model import CoordRegressionNetwork  # pylint: disable=g-import-not-at-top  (jax: not in data workers)
-    kwargs.setdefault('conv_algorithm', self.preprocessing.conv_algorithm)
     return CoordRegressionNetwork(n_locations=self.n_locations, width=self.width, num_stages=self.num_stages,
-                                  **kwargs)
+                                  conv_algorithm=conv_algorithm or self.preprocessing.conv_algorithm, **kwargs)
 
   def value(self, field: str) -> Any:
     """A field's value as configs write it (the preprocessing mode's name; kpdem_targets or None)."""

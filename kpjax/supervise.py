@@ -18,6 +18,9 @@ import sys
 import threading
 from typing import Sequence
 
+from kpjax import cli
+from kpjax import parallel
+
 _SUPERVISED = 'KPJAX_SUPERVISED'  # set in the child: it runs the command itself
 _FATAL = re.compile(r'^F\d{4} [\d:.]+\s+\d+ \S+\] (.*)$')  # absl's LOG(FATAL) line
 _TRACE = ('*** Check failure stack trace', '    @ ')
@@ -64,9 +67,6 @@ def run_supervised(module: str, argv: Sequence[str], what: str) -> int:
   reader.join(timeout=10)
   if status < 0 and fatal:  # the runtime aborted the child
     following = [line for line in fatal[1:] if not line.startswith(_TRACE)]
-    print(f'error: {what}: the JAX distributed runtime stopped the process: {_reason(fatal[0], following)}. '
-          'kpjax does not fall back to one process (each would train its own model into the same workdir): '
-          'check that every process was started, that they reach each other, or pass --coordinator_address, '
-          '--num_processes and --process_id', file=sys.stderr, flush=True)
-    return 1
+    return cli.report(f'{what}: the JAX distributed runtime stopped the process: {_reason(fatal[0], following)}. '
+                      + parallel.NO_FALLBACK, cli.RUN_FAILED)
   return status if status >= 0 else 128 - status

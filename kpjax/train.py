@@ -363,9 +363,8 @@ def _train(args) -> int:
   try:
     result = train_and_evaluate(args.config, args.workdir)
   except KeyboardInterrupt:  # a second Ctrl-C: gave up without saving
-    print('error: interrupted before a checkpoint could be saved; the last saved checkpoint is kept',
-          file=sys.stderr, flush=True)
-    return cli.INTERRUPTED
+    return cli.report('interrupted before a checkpoint could be saved; the last saved checkpoint is kept',
+                      cli.INTERRUPTED)
   ne = result['eval/ne']
   summary = f'step {result["step"]}' + (f', eval/ne {ne:.4f}' if ne is not None else '')
   if result['stopped_by'] is not None:  # the conventional status of a process ended by a signal

@@ -33,9 +33,8 @@ class TrainState(flax.struct.PyTreeNode):
 def build_model(config) -> CoordRegressionNetwork:
   """The network a (validated, kpjax.config_check) config trains: its ModelSpec with the config's
   compute dtype, remat and convolution algorithm ('' = the preprocessing mode's default)."""
-  kwargs = {'conv_algorithm': config.model.conv_algorithm} if config.model.conv_algorithm else {}
-  return ModelSpec.from_config(config).build(dtype=jnp.dtype(config.compute_dtype), remat=bool(config.remat),
-                                             remat_policy=config.remat_policy, **kwargs)
+  return ModelSpec.from_config(config).build(config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype),
+                                             remat=bool(config.remat), remat_policy=config.remat_policy)
 
 
 def make_schedule(config) -> optax.Schedule:

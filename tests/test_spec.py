@@ -73,3 +73,4 @@ def test_build_makes_the_described_network_with_the_modes_convolutions():
   assert (net.n_locations, net.width, net.num_stages) == (13, 0.25, 3)
   assert net.conv_algorithm == modes.get('kpdem').conv_algorithm == 'direct-pooled'
   assert _spec().build(conv_algorithm='direct').conv_algorithm == 'direct'
+  assert _spec(preprocessing='kpdem').build('').conv_algorithm == 'direct-pooled'  # '' = the config default
