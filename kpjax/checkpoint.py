@@ -38,6 +38,22 @@ def check_metadata(metadata: dict[str, Any], where: str = 'metadata') -> ModelSp
     raise CheckpointError(str(e)) from None
 
 
+def check_fits(model, variables: Any, where: str) -> None:
+  """Raises CheckpointError unless `variables` has exactly the parameters (paths and shapes) `model`
+  (a CoordRegressionNetwork) needs, naming the first that differs: metadata that describes the model
+  over arrays that do not fit it (a damaged or hand-made checkpoint)."""
+
+  def shapes(tree):
+    return {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  want = shapes(jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 8, 8, 3), np.float32))))
+  got = shapes(variables)
+  for key in sorted(set(want) | set(got)):
+    if want.get(key) != got.get(key):
+      raise CheckpointError(f'{where} does not hold the network its metadata describes: {key} is '
+                            f'{got.get(key, "missing")} in the checkpoint, {want.get(key, "not a parameter")} expected')
+
+
 def _to_numpy(tree):
   return jax.tree_util.tree_map(np.asarray, tree)
 

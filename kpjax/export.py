@@ -79,23 +79,6 @@ def onnx_properties(info: Mapping[str, Any]) -> dict[str, str]:
   return {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
 
 
-def check_variables(model, variables, where: str) -> None:
-  """Raises ExportError unless `variables` has exactly the parameter shapes `model` needs."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  def shapes(tree):
-    return {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-  want = shapes(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.float32))))
-  got = shapes(variables)
-  for key in sorted(set(want) | set(got)):
-    if want.get(key) != got.get(key):
-      raise ExportError(f'{where} does not hold the network its metadata describes: {key} is '
-                        f'{got.get(key, "missing")} in the checkpoint, {want.get(key, "not a parameter")} expected')
-
-
 def _import_onnx_builder():
   try:
     from kpjax import export_onnx  # pylint: disable=g-import-not-at-top
@@ -142,11 +125,12 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from kpjax import checkpoint  # pylint: disable=g-import-not-at-top
   from kpjax import inference  # pylint: disable=g-import-not-at-top
   model, variables, spec, metadata = inference.load_predictor(checkpoint_path, config, step=step)
   size = spec.input_size if input_size is None else input_size
   model = model.clone(dtype=jnp.float32, conv_algorithm='direct')  # the portable, PyTorch-exact convolutions
-  check_variables(model, variables, checkpoint_path)
+  checkpoint.check_fits(model, variables, checkpoint_path)
   info = artifact_metadata(metadata, fmt, size, batch)
   if fmt == 'onnx':
     files = {out: builder.build_model(variables, model.num_stages, size, batch, onnx_properties(info))

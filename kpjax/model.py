@@ -157,8 +157,9 @@ class KeyPointsModel(nn.Module):
                        conv_algorithm=block_conv_algorithm(self.conv_algorithm, pooled), name=name)
 
     for i, spec in enumerate(BACKBONE):
-      x = block(spec, pooled=i < len(BACKBONE) - 1)(x)
-      if i < len(BACKBONE) - 1:
+      pooled = i < len(BACKBONE) - 1
+      x = block(spec, pooled)(x)
+      if pooled:
         x = pool_unpool(x)
     features = x
     beliefs = block(STAGE1)(features)

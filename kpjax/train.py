@@ -20,7 +20,6 @@ from kpjax import backbone as backbone_lib
 from kpjax import checkpoint as ckpt_lib
 from kpjax import cli
 from kpjax import config_check
-from kpjax import model as kpmodel
 from kpjax import parallel
 from kpjax import spec as spec_lib
 from kpjax import train_step as ts
@@ -91,10 +90,7 @@ def _read_init_from(config, spec: spec_lib.ModelSpec, workdir: str) -> Any:
   if found.preprocessing != spec.preprocessing:
     print(f'note: {path} was trained with preprocessing={found.preprocessing.name!r}, this run uses '
           f'{spec.preprocessing.name!r}; the first steps will adapt the model to the new input conventions')
-  fresh = jax.eval_shape(lambda: kpmodel.init_variables(spec.build(), jax.random.key(0), 8))['params']
-  if jax.tree_util.tree_map(np.shape, variables['params']) != jax.tree_util.tree_map(np.shape, fresh):
-    raise ckpt_lib.CheckpointError(f'init_from {path}: its parameter tree differs from this model\'s '
-                                   '(layers or shapes), though its metadata describes the same model')
+  ckpt_lib.check_fits(spec.build(), variables, f'init_from {path}')
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), variables['params'])
 
 
