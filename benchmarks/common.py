@@ -27,9 +27,7 @@ import statistics
 import time
 from typing import Callable, Sequence
 
-from kpjax import cli
-
-# Samples where other processes used more than this many cores on average are "busy".
+from kpjax.cli import common as cli
 BUSY_CORES = 0.15
 DTYPES = ('float32', 'bfloat16')
 CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
@@ -84,7 +82,7 @@ def num_stages(text: str) -> int:
 
 
 def categories() -> tuple[str, ...]:
-  from kpjax import keypoints  # pylint: disable=g-import-not-at-top  (numpy only)
+  from kpjax.data import keypoints
   return keypoints.CATEGORIES + (keypoints.ALL,)
 
 
@@ -122,7 +120,7 @@ class Workload:
 
   @property
   def n_locations(self) -> int:
-    from kpjax import keypoints  # pylint: disable=g-import-not-at-top
+    from kpjax.data import keypoints
     return keypoints.num_keypoints(self.category)
 
   def replace(self, **changes) -> Workload:
@@ -153,7 +151,7 @@ def workload_from_args(args, **changes) -> Workload:
 def kpjax_config(w: Workload):
   """configs/base.py set to the original's training recipe (RMSprop lr 2.5e-4, alpha 0.9, constant, no
   clipping, warm-up or weight decay) and the workload's network, input and batch."""
-  from kpjax.configs import base  # pylint: disable=g-import-not-at-top
+  from kpjax.configs import base
   config = base.get_config()
   config.category = w.category
   config.input_size = w.size
@@ -186,14 +184,14 @@ def synthetic_batch(w: Workload, seed: int = 0):
 def initial_train_state(w: Workload, seed: int = 0):
   """A TrainState for `w`'s network as fresh device buffers (a training step donates its state).
 
-  Its structure is `kpjax.train_step.create_train_state`'s (via jax.eval_shape, nothing compiled);
+  Its structure is `kpjax.train.step.create_train_state`'s (via jax.eval_shape, nothing compiled);
   kernels are drawn from a fan-in-scaled normal, biases, step and RMSprop's accumulators are zeros
   (what optax.rmsprop's init makes). Timing does not depend on the values, and compiling kpjax's own
   initialisation takes longer than a small network's step (~15 s of CPU for a 1-stage network).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from kpjax.train import step as ts
   config = kpjax_config(w)
   model, optimizer, _ = ts.make_training(config)
   shapes = jax.eval_shape(lambda: ts.create_train_state(model, optimizer, jax.random.PRNGKey(0), w.size))
@@ -390,7 +388,7 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], *, repeats: in
 
 def conv_layers(n_locations: int, width: float = 1.0, num_stages: int = 6) -> list[tuple[str, int, int, int]]:
   """(name, in channels, out channels, kernel) of every conv of CoordRegressionNetwork, in order."""
-  from kpjax import model  # pylint: disable=g-import-not-at-top
+  from kpjax.model import network as model
   layers, cin = [], 3
   specs = list(model.BACKBONE) + [model.STAGE1]
   for name_block, block in specs:

@@ -25,7 +25,7 @@ def kpjax_candidate(w: common.Workload) -> common.Candidate:
   """kpjax's forward pass on a synthetic batch (compiled ahead of time)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from kpjax.train import step as ts
   model = ts.build_model(common.kpjax_config(w.replace(remat=False)))
   variables = {'params': common.initial_train_state(w).params}
   images, _ = common.synthetic_batch(w)

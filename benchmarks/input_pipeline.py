@@ -39,6 +39,7 @@ from typing import Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kpjax.data import sources
 
 JSON_KEYS = ('images_per_s', 'images_per_s_per_core', 'size', 'workers', 'cores', 'cpu')
 MFU = 0.4  # share of the dense bf16 peak a training step is assumed to reach
@@ -83,7 +84,7 @@ def parse_args(argv=None):
 
 def pipeline_config(args, synthetic_dir: str | None = None):
   """configs/base.py with the benchmark's category, size, batch, workers, threads, seed and data."""
-  from kpjax.configs import base  # pylint: disable=g-import-not-at-top
+  from kpjax.configs import base
   config = base.get_config()
   config.category = args.category
   config.input_size = args.size
@@ -103,9 +104,9 @@ def pipeline_config(args, synthetic_dir: str | None = None):
 
 def open_pipeline(config):
   """(the training source, kpjax's training batch iterator): what kpjax.train makes, for one process."""
-  from kpjax import train  # pylint: disable=g-import-not-at-top
-  from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  source = pipeline.get_source(config.data, config.data.train_split)
+  from kpjax.train import loop as train
+  from kpjax.data import pipeline
+  source = sources.get_source(config.data, config.data.train_split)
   return source, train.make_train_iterator(config, source)
 
 

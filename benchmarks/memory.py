@@ -3,13 +3,13 @@
   python benchmarks/memory.py                         # 256 and 512, direct and auto convs, remat off/on
   python benchmarks/memory.py --sizes 512 --algorithms direct --policies nothing_saveable
 
-Compiles (does not run) `kpjax.train_step.make_train_step` for the full network at each input size,
+Compiles (does not run) `kpjax.train.step.make_train_step` for the full network at each input size,
 batch 1 and 2, and reads `compiled.memory_analysis()`: per image = the growth of XLA's temporary
 buffers from batch 1 to 2 (activations kept for the backward pass plus per-image workspace); fixed =
 parameters, gradients and RMSprop state plus batch-1 workspace. On a CPU the numbers are XLA:CPU's buffer
 assignment; XLA:GPU's differs in detail (other fusions, cuDNN workspaces) but keeps the same activations,
 so the table is a fair guide to what fits on a GPU: it ends with the batch that would fit in 80 GB.
-'direct' is what GPUs/TPUs run; 'auto' picks Winograd convolutions on CPUs (kpjax.conv).
+'direct' is what GPUs/TPUs run; 'auto' picks Winograd convolutions on CPUs (kpjax.model.conv).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def compiled_memory(w: common.Workload, compiler_options: dict | None = None):
   """XLA's memory analysis of kpjax's training step for `w`, compiled (not run: the state is abstract)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from kpjax.train import step as ts
   model, optimizer, step = ts.make_training(common.kpjax_config(w))
   state = jax.eval_shape(lambda: ts.create_train_state(model, optimizer, jax.random.PRNGKey(0), w.size))
   n = model.n_locations

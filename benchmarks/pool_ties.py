@@ -5,7 +5,7 @@
 
 KPDEM's 2x2 max-pools keep the first largest element of each window; flat image regions make whole
 windows tie exactly, so the element kept depends on the last bits of the convolutions before the pool
-(see kpjax.data.modes.KpdemPreprocessing.conv_algorithm). This runs one network whose output depends on the image
+(see kpjax.data.conventions.KpdemConvention.conv_algorithm). This runs one network whose output depends on the image
 (He init, conv1_1 x 255 for the original's [0, 1/255] input, hm_conv x 10) on plain synthetic garments
 512 x 512 (one colour on one colour, half with a saturated band and a constant patch), resized as the
 original did to 64 x 64, and compares with torch float32 (oneDNN, torch's CPU default):

@@ -6,7 +6,7 @@
 
 Both sides train the same network (width, stages, keypoints) on the same batch with the same loss
 (Euclidean + Jensen-Shannon, dsntnn's recipe) and optimiser (RMSprop, lr 2.5e-4, alpha 0.9, as KPDEM
-was trained): kpjax through `kpjax.train_step.make_train_step` (what `python -m kpjax.train` runs, here
+was trained): kpjax through `kpjax.train.step.make_train_step` (what `python -m kpjax.train` runs, here
 without gradient clipping or warm-up, as the original), torch through `convert/torch_model.py` with
 `kpdem_loss`, eagerly, on as many threads as XLA uses. Candidates are timed interleaved, best quiet
 sample of several after warm-up (see benchmarks/common.py). Prints seconds per step, images/s, GFLOP/s
@@ -15,7 +15,7 @@ as a share of the machine's measured peak, the table's machine (CPU model), and 
 ratio (torch's time / kpjax's).
 
 `--compare-direct` adds kpjax with conv_algorithm='direct' (XLA's own convolutions everywhere), to show
-what the Winograd convolutions (kpjax.conv, chosen by 'auto' on CPUs) are worth. GFLOP/s counts the
+what the Winograd convolutions (kpjax.model.conv, chosen by 'auto' on CPUs) are worth. GFLOP/s counts the
 same direct-convolution FLOPs for every row, so a Winograd row's rate is an effective one and can
 exceed the measured peak: it does fewer multiplications than it is credited with. `--remat` times
 kpjax's step with jax.checkpoint per block (the FLOPs credited stay those without recomputation).
@@ -34,7 +34,7 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-impor
 def kpjax_candidate(w: common.Workload) -> common.Candidate:
   """One real training step of kpjax (compiled ahead of time; the state is donated and carried along)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from kpjax.train import step as ts
   _, _, step = ts.make_training(common.kpjax_config(w))
   images, target = common.synthetic_batch(w)
   batch = {'image': jnp.asarray(images), 'target': jnp.asarray(target),

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Garment category: blouse, dress, outwear, skirt, trousers (one model each, as KPDEM), or
   # `all` (one model with 24 outputs; keypoints outside an image's category are masked).
-  # The model's n_locations follows from it (kpjax.keypoints.num_keypoints).
+  # The model's n_locations follows from it (kpjax.data.keypoints.num_keypoints).
   config.category = 'trousers'
 
   # ---- Data -----------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (converted released checkpoints).
   config.preprocessing = 'kpjax'
   # With 'kpdem': the targets the model learns, the original's 'truncated' floor(x * S / W) / S (the
-  # released models; outputs are read as the centre of their cell) or 'exact' x / W (kpjax.kpdem).
+  # released models; outputs are read as the centre of their cell) or 'exact' x / W (kpjax.data.kpdem).
   config.kpdem_targets = 'truncated'
 
   # ---- Augmentation (training only; keypoints move with the pixels) ----------------------
@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.width = 1.0  # hidden channels = round(c * width); 1.0 = KPDEM's 36.9 M params
   config.model.num_stages = 6  # CPM stages 1..6 (KPDEM: 6)
-  # Convolutions (kpjax.conv): 'auto' (Winograd where it pays on a CPU), 'direct' (XLA's, the closest
+  # Convolutions (kpjax.model.conv): 'auto' (Winograd where it pays on a CPU), 'direct' (XLA's, the closest
   # match to PyTorch), 'winograd', or 'direct-pooled' ('direct' in the three blocks whose output is
   # max-pooled, 'auto' elsewhere); '' = the preprocessing's default: 'auto' for 'kpjax', 'direct-pooled'
   # for 'kpdem' (converted models: see the README on max-pool ties). The parameters are the same whichever.

@@ -2,7 +2,7 @@
 
     python -m convert.flax_to_torch --config configs/trousers.py --checkpoint DIR --out trousers.pth
 
-DIR is an exported model (e.g. from convert.torch_to_flax) or a training workdir (its latest
+DIR is a kpjax model directory (e.g. from convert.torch_to_flax) or a training workdir (its latest
 checkpoint). The output is a plain state_dict with the original's keys (`fcn.model1_0_0.conv1_1.weight`
 ... `hm_conv.weight`, conv weights OIHW) that `CoordRegression(n_locations)` (the original's
 keypoints_Net or convert/torch_model.py) loads with `load_state_dict(..., strict=True)`; with
@@ -21,16 +21,13 @@ import numpy as np
 import torch
 
 from . import layout
-from .layout import Architecture, LayoutError
-from kpjax import atomic
-from kpjax import checkpoint
-from kpjax import cli
-from kpjax import config_check
-from kpjax import spec as spec_lib
-
-
-class ExportError(ValueError):
-  """Variables or a checkpoint that cannot become the requested torch state_dict."""
+from .layout import Architecture
+from kpjax.cli import common
+from kpjax.data import spec as spec_lib
+from kpjax.errors import ConversionError, LayoutError, SpecMismatch
+from kpjax.inference import checkpoints
+from kpjax.io import atomic
+from kpjax.train import config_check
 
 
 def _leaf(variables: Mapping[str, Any], path: layout.Path):
@@ -49,16 +46,16 @@ def variables_to_state_dict(variables: Mapping[str, Any],
     arch: the network they must be; inferred from their shapes when None.
 
   Raises:
-    ExportError: the variables are not exactly the parameters of a KPDEM network (of `arch`).
+    ConversionError: the variables are not exactly the parameters of a KPDEM network (of `arch`).
   """
   shapes = layout.flax_torch_shapes(variables)
   try:
     found = layout.infer_architecture(shapes)
     if arch is not None and not layout.same_shapes(found, arch):
-      raise ExportError(f'the variables hold a network with {found.describe()}, not {arch.describe()}')
+      raise ConversionError(f'the variables hold a network with {found.describe()}, not {arch.describe()}')
     layout.check_parameters(shapes, arch or found, what='the Flax variables')
   except LayoutError as e:
-    raise ExportError(str(e)) from None
+    raise ConversionError(str(e)) from None
   state_dict = collections.OrderedDict()
   for key, (torch_shape, path, _) in layout.expected_shapes(arch or found).items():
     array = np.asarray(_leaf(variables, path))
@@ -69,27 +66,27 @@ def variables_to_state_dict(variables: Mapping[str, Any],
   return state_dict
 
 
-def export_checkpoint(config, checkpoint_path: str, out: str, *, config_name: str = 'the config',
+def convert_checkpoint(config, checkpoint_path: str, out: str, *, config_name: str = 'the config',
                       force: bool = False, dataparallel_prefix: bool = False, legacy_format: bool = False,
                       log: Callable[[str], None] = print) -> str:
   """The CLI's work: load the kpjax model, check it against `config` (validated here), write the
   state_dict atomically.
 
-  Returns the absolute path written. Raises ExportError, ConfigError, SpecMismatch,
-  kpjax.checkpoint.CheckpointError or OSError.
+  Returns the absolute path written. Raises ConversionError, ConfigError, SpecMismatch,
+  kpjax.errors.CheckpointError or OSError.
   """
   config_check.check_config(config, training=False)
   out_abs = os.path.abspath(os.path.expanduser(out))
   if os.path.isdir(out_abs):
-    raise ExportError(f'{out_abs} is a directory; --out names the .pth file to write')
-  atomic.check_target(out_abs, replace=force, flag='--force', error=ExportError)
-  variables, metadata = checkpoint.load_model(checkpoint_path)
-  found = checkpoint.check_metadata(metadata)
+    raise ConversionError(f'{out_abs} is a directory; --out names the .pth file to write')
+  atomic.check_target(out_abs, replace=force, flag='--force', error=ConversionError)
+  variables, metadata = checkpoints.load_model(checkpoint_path)
+  found = checkpoints.check_metadata(metadata)
   try:
     spec_lib.ModelSpec.from_config(config).check_matches(found, spec_lib.NETWORK_FIELDS, mine=config_name,
                                                          theirs=checkpoint_path)
-  except spec_lib.SpecMismatch as e:
-    raise ExportError(str(e)) from None
+  except SpecMismatch as e:
+    raise ConversionError(str(e)) from None
   arch = Architecture(n_locations=found.n_locations, width=found.width, num_stages=found.num_stages)
   state_dict = variables_to_state_dict(variables, arch)
   if dataparallel_prefix:
@@ -98,19 +95,19 @@ def export_checkpoint(config, checkpoint_path: str, out: str, *, config_name: st
     torch.save(state_dict, tmp, _use_new_zipfile_serialization=not legacy_format)
   log(f'wrote {out_abs}: state_dict of CoordRegression({arch.describe()}), {len(state_dict)} tensors'
       + (', keys prefixed with module.' if dataparallel_prefix else ''))
-  log(f'note: feed it as it was trained or converted: preprocessing={found.preprocessing.name!r}, '
-      f'input_size={found.input_size} ({found.preprocessing.description})')
+  log(f'note: feed it as it was trained or converted: preprocessing={found.convention.name!r}, '
+      f'input_size={found.input_size} ({found.convention.description})')
   return out_abs
 
 
-def _export(args) -> int:
-  export_checkpoint(args.config, args.checkpoint, args.out, config_name=args.config_file, force=args.force,
+def _convert(args) -> int:
+  convert_checkpoint(args.config, args.checkpoint, args.out, config_name=args.config_file, force=args.force,
                     dataparallel_prefix=args.dataparallel_prefix, legacy_format=args.legacy_format)
-  return cli.OK
+  return common.OK
 
 
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(prog='python -m convert.flax_to_torch', description=__doc__.split('\n\n')[0])
+  parser = common.ArgumentParser(prog='python -m convert.flax_to_torch', description=__doc__.split('\n\n')[0])
   parser.add_config_flag(help_text='the category config, e.g. configs/trousers.py')
   parser.add_argument('--checkpoint', required=True, help='a kpjax model directory or training workdir')
   parser.add_argument('--out', required=True, help='the .pth file to write (must not exist unless --force)')
@@ -119,7 +116,7 @@ def main(argv=None) -> int:
                       help="prefix every key with 'module.' (for a DataParallel-wrapped model)")
   parser.add_argument('--legacy-format', action='store_true',
                       help="write torch's pre-1.6 file format, for PyTorch < 1.6")
-  return cli.run(_export, cli.parse(parser, argv))
+  return common.run(_convert, common.parse(parser, argv))
 
 
 if __name__ == '__main__':

@@ -1,9 +1,9 @@
 """The one correspondence between torch KPDEM state_dict keys and kpjax Flax parameters.
 
-A walk over kpjax.model's layer tables (BACKBONE, STAGE1, refinement_stage): torch
+A walk over kpjax.model.layers' tables (BACKBONE, STAGE1, refinement_stage): torch
 `fcn.<block>.<layer>.weight` (O, I, kH, kW) is `params/fcn/<block>/<layer>/kernel` (kH, kW, I, O),
 `.bias` is `bias`, and `hm_conv.weight` (L, 24, 1, 1) is `params/hm_conv/kernel` (no bias). The
-expected shapes come from the Flax model itself (jax.eval_shape of kpjax.model.init_variables),
+expected shapes come from the Flax model itself (jax.eval_shape of kpjax.model.network.init_variables),
 so the table cannot drift from the network it fills. Used by both converters.
 """
 
@@ -17,7 +17,9 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from kpjax import model as kpmodel
+from kpjax.errors import LayoutError
+from kpjax.model import layers as kpmodel
+from kpjax.model import network
 
 Path = tuple[str, ...]
 
@@ -25,10 +27,6 @@ HM_CONV_KEY = 'hm_conv.weight'
 FIRST_CONV_KEY = 'fcn.model1_0_0.conv1_1.weight'  # 64 * width output channels
 WIDEST_CONV_KEY = 'fcn.model1_0_3.conv4_1.weight'  # 512 * width: pins the width down most finely
 _STAGE_KEY = re.compile(r'^fcn\.model(\d+)\.')
-
-
-class LayoutError(ValueError):
-  """Parameters that do not fit the KPDEM network; the message names keys and shapes and says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +72,9 @@ def _flax_to_torch_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=32)
 def _flax_shapes(arch: Architecture) -> dict[Path, tuple[int, ...]]:
-  net = kpmodel.CoordRegressionNetwork(n_locations=arch.n_locations, width=arch.width, num_stages=arch.num_stages)
+  net = network.CoordRegressionNetwork(n_locations=arch.n_locations, width=arch.width, num_stages=arch.num_stages)
   try:
-    tree = jax.eval_shape(lambda: kpmodel.init_variables(net, jax.random.key(0), 8))
+    tree = jax.eval_shape(lambda: network.init_variables(net, jax.random.key(0), 8))
   except ValueError as e:  # the model's own checks: num_stages in 1..6, width > 0, n_locations >= 1
     raise LayoutError(f'there is no KPDEM network with {arch.describe()}: {e}') from None
   flat = {}

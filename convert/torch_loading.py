@@ -32,8 +32,8 @@ from typing import Any, Mapping
 import torch
 from torch import _weights_only_unpickler
 
-from kpjax import torch_file
-from kpjax.torch_file import pickle_globals
+from kpjax.io import torch_file
+from kpjax.io.torch_file import pickle_globals
 
 # Module classes a KPDEM whole-module pickle contains. Each becomes an inert stand-in.
 MODULE_CLASSES = (
@@ -60,7 +60,7 @@ _MAX_DEPTH = 64
 
 
 # A file that is missing, damaged or not a (KPDEM) PyTorch checkpoint; the message says which. The
-# same type as kpjax.torch_file's errors, whose file sniffing and legacy header reading this module shares.
+# same type as kpjax.io.torch_file's errors, whose file sniffing and legacy header reading this module shares.
 TorchCheckpointError = torch_file.TorchFileError
 
 

@@ -6,9 +6,9 @@
 reads the checkpoint safely (convert.torch_loading: the released whole-module pickles, state_dicts,
 wrapping dicts, `module.`/`_orig_mod.` prefixes; nothing in the file runs), infers n_locations, width
 and num_stages from its shapes, checks them against the config, converts every tensor exactly once
-(conv weights OIHW -> HWIO, convert.layout) and writes an exported kpjax model directory
-(kpjax.checkpoint.save_model: atomic) whose metadata records the source file, its SHA-256 and the
-input conventions: preprocessing 'kpdem' at 64x64 by default, the original's (kpjax.kpdem), and for
+(conv weights OIHW -> HWIO, convert.layout) and writes a kpjax model directory
+(kpjax.inference.checkpoints.save_model: atomic) whose metadata records the source file, its SHA-256 and the
+input conventions: preprocessing 'kpdem' at 64x64 by default, the original's (kpjax.data.kpdem), and for
 'kpdem' the targets the model was trained on (`kpdem_targets`: 'truncated' by default, as the
 released models were; 'exact' for a model retrained on unrounded targets).
 """
@@ -24,23 +24,20 @@ import torch
 
 from . import layout
 from . import torch_loading
-from .layout import Architecture, LayoutError
-from kpjax import atomic
-from kpjax import checkpoint
-from kpjax import cli
-from kpjax import config_check
-from kpjax import keypoints
-from kpjax import kpdem
-from kpjax.data import modes
-from kpjax.spec import ModelSpec
+from .layout import Architecture
+from kpjax.cli import common
+from kpjax.data import conventions
+from kpjax.data import keypoints
+from kpjax.data import kpdem
+from kpjax.data.spec import ModelSpec
+from kpjax.errors import ConfigError, ConversionError, LayoutError
+from kpjax.inference import checkpoints
+from kpjax.io import atomic
+from kpjax.train import config_check
 
 DEFAULT_INPUT_SIZE = 64  # the published training script's square input
 DEFAULT_PREPROCESSING = 'kpdem'
 VERIFY_TOLERANCE = 1e-3  # largest |coordinate difference| (normalised units) --verify accepts
-
-
-class ConversionError(ValueError):
-  """A checkpoint that cannot become the requested model; the message says why and what to do."""
 
 
 def _to_numpy(key: str, value: Any) -> np.ndarray:
@@ -153,9 +150,9 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from . import torch_model  # pylint: disable=g-import-not-at-top
-  from kpjax import model as kpmodel  # pylint: disable=g-import-not-at-top
+  from kpjax.model import network  # pylint: disable=g-import-not-at-top
 
-  image = modes.get(preprocessing).example_input(np.random.default_rng(seed), (1, input_size, input_size, 3))
+  image = conventions.get(preprocessing).example_input(np.random.default_rng(seed), (1, input_size, input_size, 3))
   net = torch_model.CoordRegression(arch.n_locations, width=arch.width, num_stages=arch.num_stages)
   clean, _ = torch_loading.strip_prefixes(state_dict)
   net.load_state_dict({k: v.float() if hasattr(v, 'float') else torch.from_numpy(np.asarray(v, np.float32))
@@ -163,7 +160,7 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
   net.eval()
   with torch.no_grad():
     t_coords, t_heatmaps = net(torch.from_numpy(image).permute(0, 3, 1, 2).contiguous())
-  flax_net = kpmodel.CoordRegressionNetwork(arch.n_locations, width=arch.width, num_stages=arch.num_stages)
+  flax_net = network.CoordRegressionNetwork(arch.n_locations, width=arch.width, num_stages=arch.num_stages)
   f_coords, f_heatmaps = flax_net.apply(variables, jnp.asarray(image))
   return {'coords': float(np.max(np.abs(np.asarray(f_coords) - t_coords.numpy()))),
           'heatmaps': float(np.max(np.abs(np.asarray(f_heatmaps) - t_heatmaps.numpy())))}
@@ -175,7 +172,7 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
                        log: Callable[[str], None] = print) -> tuple[str, dict[str, Any]]:
   """The CLI's work: read, check, convert, optionally verify, then write `out` atomically.
 
-  The model written is the config's (validated here, kpjax.config_check) at `input_size` with
+  The model written is the config's (validated here, kpjax.train.config_check) at `input_size` with
   `preprocessing`. Nothing is written unless every step succeeds. Returns (absolute output path,
   metadata). Raises TorchCheckpointError, ConversionError, ConfigError or CheckpointError.
   """
@@ -184,7 +181,7 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
     config.input_size, config.preprocessing, config.kpdem_targets = input_size, preprocessing, kpdem_targets
   try:
     config_check.check_config(config, training=False)
-  except config_check.ConfigError as e:  # the two flags of this command, or a field of the config file
+  except ConfigError as e:  # the two flags of this command, or a field of the config file
     flags = {'config.input_size': '--input-size', 'config.preprocessing': '--preprocessing',
              'config.kpdem_targets': '--kpdem-targets'}
     message = str(e)
@@ -194,7 +191,7 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
   spec = ModelSpec.from_config(config)
   out_abs = os.path.abspath(os.path.expanduser(out))
   # fail before the (slow) reading and converting; save_model checks again
-  atomic.check_target(out_abs, replace=force, flag='--force', error=checkpoint.CheckpointError)
+  atomic.check_target(out_abs, replace=force, flag='--force', error=checkpoints.CheckpointError)
   expected = Architecture(n_locations=spec.n_locations, width=spec.width, num_stages=spec.num_stages)
   source = f"{config_name} (category '{spec.category}')"
 
@@ -207,14 +204,14 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
   metadata = spec.metadata(source=os.path.basename(ckpt.path), sha256=ckpt.sha256,
                            source_format=f'{ckpt.container} ({ckpt.file_format})', converter='convert.torch_to_flax')
   if verify:
-    diffs = compare_with_torch(ckpt.state_dict, variables, expected, spec.input_size, spec.preprocessing.name)
+    diffs = compare_with_torch(ckpt.state_dict, variables, expected, spec.input_size, spec.convention.name)
     log(f'verify: largest coordinate difference {diffs["coords"]:.3g}, largest heatmap difference '
         f'{diffs["heatmaps"]:.3g} (torch vs Flax, one random {spec.input_size}x{spec.input_size} image)')
     if not diffs['coords'] <= VERIFY_TOLERANCE:
       raise ConversionError(f'--verify: the converted model disagrees with the torch one (coordinates differ by '
                             f'{diffs["coords"]:.3g} > {VERIFY_TOLERANCE}); nothing was written')
-  path = checkpoint.save_model(out_abs, variables, metadata, force=force)
-  log(f'wrote {path} ({", ".join(f"{k}={v}" for k, v in spec.preprocessing.metadata().items())}, '
+  path = checkpoints.save_model(out_abs, variables, metadata, force=force)
+  log(f'wrote {path} ({", ".join(f"{k}={v}" for k, v in spec.convention.metadata().items())}, '
       f'input_size={spec.input_size})')
   return path, metadata
 
@@ -223,11 +220,11 @@ def _convert(args) -> int:
   convert_checkpoint(args.config, args.torch_checkpoint, args.out, config_name=args.config_file,
                      input_size=args.input_size, preprocessing=args.preprocessing, kpdem_targets=args.kpdem_targets,
                      force=args.force, verify=args.verify)
-  return cli.OK
+  return common.OK
 
 
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(prog='python -m convert.torch_to_flax', description=__doc__.split('\n\n')[0])
+  parser = common.ArgumentParser(prog='python -m convert.torch_to_flax', description=__doc__.split('\n\n')[0])
   parser.add_config_flag(help_text='the category config, e.g. configs/trousers.py (fields may be overridden: '
                          '--config.model.width=0.5)')
   parser.add_argument('--torch-checkpoint', required=True,
@@ -235,7 +232,7 @@ def main(argv=None) -> int:
   parser.add_argument('--out', required=True, help='the model directory to write (must not exist unless --force)')
   parser.add_argument('--input-size', type=int, default=DEFAULT_INPUT_SIZE,
                       help='side of the square network input recorded in the metadata (the original trained at 64)')
-  parser.add_argument('--preprocessing', default=DEFAULT_PREPROCESSING, choices=modes.NAMES,
+  parser.add_argument('--preprocessing', default=DEFAULT_PREPROCESSING, choices=conventions.NAMES,
                       help="input conventions recorded in the metadata: 'kpdem' (the original's, for released "
                       "models) or 'kpjax'")
   parser.add_argument('--kpdem-targets', default=kpdem.CONVERTED_TARGETS, choices=kpdem.TARGETS,
@@ -247,7 +244,7 @@ def main(argv=None) -> int:
   parser.add_argument('--verify', action='store_true',
                       help='run the torch and the converted network on a random image and print the largest '
                       'coordinate and heatmap differences (fails above 1e-3)')
-  return cli.run(_convert, cli.parse(parser, argv))
+  return common.run(_convert, common.parse(parser, argv))
 
 
 if __name__ == '__main__':

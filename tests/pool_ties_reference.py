@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from kpjax import kpdem
-from kpjax import model as model_lib
+from kpjax.data import kpdem
+from kpjax.model import network as model_lib
 from kpjax.data import synthetic
 import torch_reference as tr
 

@@ -1,4 +1,4 @@
-"""kpjax.atomic: whole new content or the old one intact, whatever step fails, and no temporary paths left."""
+"""kpjax.io.atomic: whole new content or the old one intact, whatever step fails, and no temporary paths left."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import stat
 import numpy as np
 import pytest
 
-from kpjax import atomic
-from kpjax import checkpoint
+from kpjax.io import atomic
+from kpjax.inference import checkpoints as checkpoint
 from rename_faults import fail_renames
 
 

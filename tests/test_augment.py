@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from kpjax import keypoints as kp
+from kpjax.data import keypoints as kp
 from kpjax.data import augment
-from kpjax.data import preprocess
+from kpjax.data import geometry as preprocess
 
 SIZE = 64
 
@@ -127,8 +127,8 @@ def test_color_jitter_changes_the_image_but_not_the_padding():
 
 
 def test_augment_config_from_config_and_range_checks():
-  from kpjax import config_check  # pylint: disable=g-import-not-at-top
-  from kpjax.configs import base as base_config  # pylint: disable=g-import-not-at-top
+  from kpjax.train import config_check
+  from kpjax.configs import base as base_config
   config = base_config.get_config()
   config.augment.update(dict(scale=(0.75, 1.25), rotation_deg=20.0, translate=0.1, flip=True, color_jitter=0.2))
   cfg = augment.AugmentConfig.from_config(config.augment)

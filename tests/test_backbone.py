@@ -20,17 +20,17 @@ import torch
 
 import train_fixture as fx
 from convert import torch_model
-from kpjax import backbone
-from kpjax import checkpoint as ckpt_lib
-from kpjax import config_check
-from kpjax import model as kpmodel
-from kpjax import train
-from kpjax import train_step as ts
+from kpjax.model import vgg19 as backbone
+from kpjax.inference import checkpoints as ckpt_lib
+from kpjax.train import config_check
+from kpjax.model import network as kpmodel
+from kpjax.train import loop as train
+from kpjax.train import step as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VGG19 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512, 512, 'M', 512, 512, 512, 512, 'M')
 VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M')
-# The correspondence the issue states, written out independently of kpjax.backbone's derivation.
+# The correspondence the issue states, written out independently of kpjax.model.vgg19's derivation.
 KPDEM_FROM_VGG19 = {'conv1_1': 0, 'conv1_2': 2, 'conv2_1': 5, 'conv2_2': 7, 'conv3_1': 10, 'conv3_2': 12,
                     'conv3_3': 14, 'conv3_4': 16, 'conv4_1': 19, 'conv4_2': 21, 'conv4_3': 23, 'conv4_4': 25,
                     'conv5_1': 28, 'conv5_2': 30}
@@ -112,7 +112,7 @@ def test_the_layer_table_is_vgg19s():
 @pytest.mark.parametrize('fmt', ['legacy', 'zip'])
 def test_vgg19_fills_exactly_the_14_layers(vgg19, fresh, fmt):
   state, paths = vgg19
-  loaded = backbone.load_vgg19_backbone(paths[fmt], fresh)
+  loaded = backbone.copy_into(fresh, backbone.read_vgg19(paths[fmt]))
   check_backbone_loaded(loaded, state, fresh)
   assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(fresh)
 

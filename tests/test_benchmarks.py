@@ -19,6 +19,7 @@ from benchmarks import train_step
 import train_fixture as fx
 from kpjax.configs import base
 from kpjax.data import pipeline
+from kpjax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--size', '16', '--batch', '2', '--width', '0.0625', '--num-stages', '1', '--no-peak', '--repeats', '1',
@@ -115,7 +116,7 @@ def test_train_flops_match_the_readme():
 
 @pytest.fixture(scope='module')
 def tfds_dir(tmp_path_factory):
-  return pipeline.ensure_synthetic(str(tmp_path_factory.mktemp('garments') / 'data'), 16, seed=0)
+  return sources.ensure_synthetic(str(tmp_path_factory.mktemp('garments') / 'data'), 16, seed=0)
 
 
 def _take(iterator, n):
@@ -128,7 +129,7 @@ def test_input_pipeline_batches_are_kpjax_train_batches(tfds_dir):
   config = base.get_config()  # as `python -m kpjax.train --config.data.data_dir=... ` would set it
   config.category, config.input_size, config.batch_size, config.seed = 'all', 32, 3, 5
   config.data.data_dir = tfds_dir
-  expected = fx.train_batches(config, pipeline.get_source(config.data, 'train'), seed=5)
+  expected = fx.train_batches(config, sources.get_source(config.data, 'train'), seed=5)
   for got, want in zip(_take(batches, 3), _take(expected, 3)):
     assert got.keys() == want.keys()
     for key in want:

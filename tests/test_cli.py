@@ -10,15 +10,21 @@ import pytest
 
 from convert import flax_to_torch
 from convert import torch_to_flax
-from kpjax import cli
-from kpjax import config_check
-from kpjax import evaluate
-from kpjax import export
-from kpjax import predict
-from kpjax import train
+from kpjax.cli import common as cli
+from kpjax.train import config_check
+from kpjax.inference import evaluation as evaluate
+from kpjax.cli import export as export_cli
+from kpjax.inference import prediction as predict
+from kpjax.train import loop as train
 from kpjax.configs import base
 from kpjax.data import build
 from kpjax.data import synthetic
+from kpjax import errors
+from kpjax.cli import train as train_cli
+from kpjax.cli import evaluate as evaluate_cli
+from kpjax.cli import predict as predict_cli
+from kpjax.cli import build as build_cli
+from kpjax.cli import synthetic as synthetic_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TROUSERS = os.path.join(REPO, 'configs', 'trousers.py')
@@ -34,29 +40,29 @@ def _status(main, argv) -> int:
 # (CLI, argv (paths under {tmp}), what the error line must say). Each is a user's mistake of a different
 # kind: a bad flag, a missing required flag, a bad config value or override, a missing input.
 CASES = [
-    (train.main, ['--config', TROUSERS], '--workdir'),
-    (train.main, ['--config', TROUSERS, '--workdir', '{tmp}/w', '--config.batch_size=0'],
+    (train_cli.main, ['--config', TROUSERS], '--workdir'),
+    (train_cli.main, ['--config', TROUSERS, '--workdir', '{tmp}/w', '--config.batch_size=0'],
      'config.batch_size = 0: expected a positive integer'),
-    (train.main, ['--config', TROUSERS, '--workdir', '{tmp}/w', '--config.nope=1'], 'the config has no field nope'),
-    (train.main, ['--config', '{tmp}/missing.py', '--workdir', '{tmp}/w'], 'missing.py does not exist'),
-    (train.main, ['--config', TROUSERS, '--workdir', '{tmp}/w', '--unknown'], 'unrecognized arguments: --unknown'),
-    (evaluate.main, ['--annotations', '{tmp}/gt.csv'], 'needs both --annotations and --predictions'),
-    (evaluate.main, ['--annotations', '{tmp}/gt.csv', '--predictions', '{tmp}/p.csv'], 'gt.csv'),
-    (evaluate.main, ['--config.batch_size=2', '--annotations', 'a', '--predictions', 'b'],
+    (train_cli.main, ['--config', TROUSERS, '--workdir', '{tmp}/w', '--config.nope=1'], 'the config has no field nope'),
+    (train_cli.main, ['--config', '{tmp}/missing.py', '--workdir', '{tmp}/w'], 'missing.py does not exist'),
+    (train_cli.main, ['--config', TROUSERS, '--workdir', '{tmp}/w', '--unknown'], 'unrecognized arguments: --unknown'),
+    (evaluate_cli.main, ['--annotations', '{tmp}/gt.csv'], 'needs both --annotations and --predictions'),
+    (evaluate_cli.main, ['--annotations', '{tmp}/gt.csv', '--predictions', '{tmp}/p.csv'], 'gt.csv'),
+    (evaluate_cli.main, ['--config.batch_size=2', '--annotations', 'a', '--predictions', 'b'],
      '--config.FIELD=VALUE overrides need --config FILE'),
-    (predict.main, ['--checkpoint', '{tmp}/none', '--images', '{tmp}', '--out', '{tmp}/p.csv', '--batch-size', '0'],
+    (predict_cli.main, ['--checkpoint', '{tmp}/none', '--images', '{tmp}', '--out', '{tmp}/p.csv', '--batch-size', '0'],
      '--batch-size must be at least 1'),
-    (predict.main, ['--checkpoint', '{tmp}/none', '--images', '{tmp}/x.jpg', '--out', '{tmp}/p.csv'],
+    (predict_cli.main, ['--checkpoint', '{tmp}/none', '--images', '{tmp}/x.jpg', '--out', '{tmp}/p.csv'],
      'no images to predict'),
-    (export.main, ['--checkpoint', '{tmp}/none', '--format', 'tflite', '--out', '{tmp}/m'], "unknown format 'tflite'"),
-    (export.main, ['--checkpoint', '{tmp}/none', '--format', 'stablehlo', '--out', '{tmp}/m'], 'does not exist'),
-    (build.main, ['--manual-dir', '{tmp}/nothing', '--data-dir', '{tmp}/tfds'], 'nothing'),
-    (build.main, ['--data-dir', '{tmp}/tfds'], '--manual-dir'),
-    (synthetic.main, ['--out', '{tmp}/s', '--num-images', '0'], 'num_images must be at least 1'),
-    (synthetic.main, ['--out', '{tmp}/s', '--num-images', 'many'], "invalid int value: 'many'"),
+    (export_cli.main, ['--checkpoint', '{tmp}/none', '--format', 'tflite', '--out', '{tmp}/m'], "unknown format 'tflite'"),
+    (export_cli.main, ['--checkpoint', '{tmp}/none', '--format', 'stablehlo', '--out', '{tmp}/m'], 'does not exist'),
+    (build_cli.main, ['--manual-dir', '{tmp}/nothing', '--data-dir', '{tmp}/tfds'], 'nothing'),
+    (build_cli.main, ['--data-dir', '{tmp}/tfds'], '--manual-dir'),
+    (synthetic_cli.main, ['--out', '{tmp}/s', '--num-images', '0'], 'num_images must be at least 1'),
+    (synthetic_cli.main, ['--out', '{tmp}/s', '--num-images', 'many'], "invalid int value: 'many'"),
     (torch_to_flax.main, ['--config', TROUSERS, '--torch-checkpoint', '{tmp}/w.pt', '--out', '{tmp}/m'], 'w.pt'),
     (torch_to_flax.main, ['--config', TROUSERS, '--torch-checkpoint', 'w.pt', '--out', '{tmp}/m',
-                          '--input-size', '60'], '--input-size = 60: expected a positive multiple of 8'),
+                          '--input-size', '61'], '--input-size = 61: expected a positive even number of pixels'),
     (flax_to_torch.main, ['--config', TROUSERS, '--checkpoint', '{tmp}/none', '--out', '{tmp}/m.pth'],
      'does not exist'),
     (flax_to_torch.main, ['--checkpoint', '{tmp}/none', '--out', '{tmp}/m.pth'], '--config'),
@@ -126,7 +132,7 @@ def test_every_base_field_is_valid_and_each_rule_names_its_field():
     for p in parents:
       node = node[p]
     node[leaf] = bad
-    with pytest.raises(config_check.ConfigError, match=rf'^config\.{field} = {bad!r}: expected'):
+    with pytest.raises(errors.ConfigError, match=rf'^config\.{field} = {bad!r}: expected'):
       config_check.check_config(config)
 
 

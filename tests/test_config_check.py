@@ -1,13 +1,14 @@
-"""kpjax.config_check: every shipped config passes, each bad value is refused by name, and resuming
+"""kpjax.train.config_check: every shipped config passes, each bad value is refused by name, and resuming
 compares exactly the fields that change what is trained."""
 
 import importlib
 
 import pytest
 
-from kpjax import config_check
+from kpjax.train import config_check
 from kpjax.configs import base
 import train_fixture
+from kpjax import errors
 
 SHIPPED = ('base', 'demo', 'all', 'blouse', 'dress', 'outwear', 'skirt', 'trousers')
 
@@ -36,13 +37,13 @@ def test_every_rule_and_resumable_field_names_a_field_of_the_base_config():
 
 
 @pytest.mark.parametrize('field, value, expected', [
-    ('input_size', 250, 'a positive multiple of 8'),
-    ('input_size', 0, 'a positive multiple of 8'),
+    ('input_size', 251, 'a positive even number of pixels'),
+    ('input_size', 0, 'a positive even number of pixels'),
     ('batch_size', True, 'a positive integer'),  # a bool is not a count
     ('eval_batch_size', 0, 'a positive integer'),
     ('model__num_stages', 7, 'an integer in 1..6'),
     ('model__width', -1.0, 'a positive number'),
-    ('model__conv_algorithm', 'fft', "'' (the preprocessing mode's default) or one of"),
+    ('model__conv_algorithm', 'fft', "'' (the preprocessing convention's default) or one of"),
     ('category', 'hats', 'one of blouse, dress, outwear, skirt, trousers'),
     ('augment__scale', (1.25, 0.75), '(lo, hi) with 0 < lo <= hi'),
     ('augment__color_jitter', 1.0, 'a number in [0, 1)'),
@@ -52,7 +53,7 @@ def test_every_rule_and_resumable_field_names_a_field_of_the_base_config():
     ('data__num_eval_images', -1, 'an integer >= 0'),
 ])
 def test_a_bad_value_is_refused_naming_the_field_value_and_expectation(field, value, expected):
-  with pytest.raises(config_check.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     config_check.check_config(_config(**{field: value}))
   message = str(e.value)
   assert message.startswith(f'config.{field.replace("__", ".")} = {value!r}: expected'), message
@@ -66,13 +67,13 @@ def test_edge_values_that_are_valid_pass():
 
 
 def test_backbone_and_init_from_together_are_refused():
-  with pytest.raises(config_check.ConfigError, match='init_backbone and config.init_from are both set'):
+  with pytest.raises(errors.ConfigError, match='init_backbone and config.init_from are both set'):
     config_check.check_config(_config(init_backbone='vgg19.pth', init_from='/models/trousers'))
 
 
 def test_augmenting_kpdem_inputs_is_refused_for_training_only():
   config = _config(preprocessing='kpdem')
-  with pytest.raises(config_check.ConfigError, match="augmentation needs preprocessing='kpjax'"):
+  with pytest.raises(errors.ConfigError, match="augmentation needs preprocessing='kpjax'"):
     config_check.check_config(config)
   assert config_check.check_config(config, training=False) is config
   config.augment.enabled = False
@@ -100,7 +101,7 @@ def test_resume_names_every_changed_field_with_both_values():
   stored = config_check.flatten(base.get_config())
   del stored['seed']  # a field the stored config lacks is a difference too
   new = _config(model__width=0.5, batch_size=64, augment__flip=False)
-  with pytest.raises(config_check.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     config_check.check_resume(stored, new, where='W')
   message = str(e.value)
   assert message.startswith('W holds a run started with another config')

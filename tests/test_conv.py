@@ -1,4 +1,4 @@
-"""kpjax.conv: Winograd convolution against XLA's direct convolution, exact in float64, close in float32.
+"""kpjax.model.conv: Winograd convolution against XLA's direct convolution, exact in float64, close in float32.
 
 Criteria:
   * the Winograd matrices satisfy F(m, s) exactly (rational arithmetic);
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpjax import conv
-from kpjax.model import CONV_ALGORITHMS, Conv, CoordRegressionNetwork
+from kpjax.model import conv
+from kpjax.model.network import CONV_ALGORITHMS, Conv, CoordRegressionNetwork
 
 
 @pytest.mark.parametrize('m,s', [(2, 3), (4, 3), (6, 3), (4, 4), (3, 3)])
@@ -119,7 +119,7 @@ def test_parameter_tree_is_the_same_for_every_algorithm():
     model = CoordRegressionNetwork(4, width=0.125, num_stages=2, conv_algorithm=algorithm)
     shapes.append(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert len(shapes) == 4 and all(s == shapes[0] for s in shapes)
-  # kpjax.model.Conv initialises exactly as the nn.Conv it replaced.
+  # kpjax.model.network.Conv initialises exactly as the nn.Conv it replaced.
   x = jnp.zeros((1, 8, 8, 5))
   ours = Conv(features=6, kernel_size=3).init(jax.random.key(1), x)
   flax_conv = nn.Conv(6, (3, 3), padding=((1, 1), (1, 1)), param_dtype=jnp.float32).init(jax.random.key(1), x)
@@ -153,7 +153,7 @@ def test_network_forward_with_winograd_matches_torch():
 
 def test_network_gradients_with_winograd_match_torch():
   """A tiny case whose ReLUs and pools are all far from a float32 flip (as in tests/test_model.py)."""
-  from kpjax import losses  # pylint: disable=g-import-not-at-top
+  from kpjax.model import losses
   tr, net, images, target, model, variables = _torch_case(4, 0.125, 2, 8, 8, seed=8)
   margins = tr.decision_margins(net, images)
   assert margins.relu >= 1e-4 and margins.pool >= 1e-4, f'pick another seed: {margins}'

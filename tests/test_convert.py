@@ -30,9 +30,10 @@ from convert import flax_to_torch
 from convert import layout
 from convert import torch_loading
 from convert import torch_to_flax
-from kpjax import checkpoint
-from kpjax import model as kpmodel
+from kpjax.inference import checkpoints as checkpoint
+from kpjax.model import network as kpmodel
 import torch_reference
+from kpjax.cli import predict as predict_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, WIDTH, STAGES = 7, 0.125, 2  # a slim trousers network: every format test is cheap
@@ -247,7 +248,7 @@ def test_round_trip_is_bit_identical(net, tmp_path):
 
   for kwargs in ({}, {'dataparallel_prefix': True, 'legacy_format': True}):
     back = str(tmp_path / f'back{len(kwargs)}.pth')
-    flax_to_torch.export_checkpoint(config, out, back, config_name='cfg', log=QUIET, **kwargs)
+    flax_to_torch.convert_checkpoint(config, out, back, config_name='cfg', log=QUIET, **kwargs)
     assert not zipfile.is_zipfile(back) if kwargs else zipfile.is_zipfile(back)
     state = torch.load(back, weights_only=True)
     prefix = 'module.' if kwargs else ''
@@ -382,7 +383,7 @@ def test_strictness_lists_missing_unexpected_and_misshapen(net, tmp_path):
 
 def test_bad_conversion_settings(net, tmp_path):
   torch.save(net.state_dict(), tmp_path / 'w.pt')
-  _convert_fails(tmp_path, tmp_path / 'w.pt', 'multiple of 8', input_size=60)
+  _convert_fails(tmp_path, tmp_path / 'w.pt', 'a positive even number of pixels', input_size=61)
   _convert_fails(tmp_path, tmp_path / 'w.pt', 'preprocessing', preprocessing='imagenet')
   _convert_fails(tmp_path, tmp_path / 'w.pt', "kpdem-targets = 'floor': expected one of truncated, exact",
                  kpdem_targets='floor')
@@ -447,17 +448,17 @@ def test_export_refuses_a_config_that_disagrees(net, tmp_path):
                                                   log=QUIET)
   for config, match in ((make_config('skirt'), "category.*'trousers'"), (make_config(width=0.25), 'width=0.125'),
                         (make_config(num_stages=3), 'num_stages=2')):
-    with pytest.raises(flax_to_torch.ExportError, match=match):
-      flax_to_torch.export_checkpoint(config, model_dir, str(tmp_path / 'back.pth'), log=QUIET)
+    with pytest.raises(flax_to_torch.ConversionError, match=match):
+      flax_to_torch.convert_checkpoint(config, model_dir, str(tmp_path / 'back.pth'), log=QUIET)
   with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
-    flax_to_torch.export_checkpoint(make_config(), str(tmp_path / 'nope'), str(tmp_path / 'back.pth'), log=QUIET)
+    flax_to_torch.convert_checkpoint(make_config(), str(tmp_path / 'nope'), str(tmp_path / 'back.pth'), log=QUIET)
   (tmp_path / 'taken.pth').write_text('x')
-  with pytest.raises(flax_to_torch.ExportError, match='already exists'):
-    flax_to_torch.export_checkpoint(make_config(), model_dir, str(tmp_path / 'taken.pth'), log=QUIET)
+  with pytest.raises(flax_to_torch.ConversionError, match='already exists'):
+    flax_to_torch.convert_checkpoint(make_config(), model_dir, str(tmp_path / 'taken.pth'), log=QUIET)
   assert sorted(os.listdir(tmp_path)) == ['m', 'taken.pth', 'w.pt']
   variables = checkpoint.load_model(model_dir)[0]
   variables['params']['hm_conv']['extra'] = np.zeros(2, np.float32)
-  with pytest.raises(flax_to_torch.ExportError, match='unexpected keys.*params/hm_conv/extra'):
+  with pytest.raises(flax_to_torch.ConversionError, match='unexpected keys.*params/hm_conv/extra'):
     flax_to_torch.variables_to_state_dict(variables)
 
 
@@ -543,7 +544,7 @@ def converted_released(tmp_path_factory):
 
 def test_converted_model_gives_the_original_pixels(converted_released):
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from kpjax import kpdem  # pylint: disable=g-import-not-at-top
+  from kpjax.data import kpdem
   model, model_dir, paths = converted_released
   variables, metadata = checkpoint.load_model(model_dir)
   assert (metadata['preprocessing'], metadata['input_size']) == ('kpdem', 64)
@@ -563,15 +564,15 @@ def test_converted_model_gives_the_original_pixels(converted_released):
 
 def test_predict_on_converted_model_gives_the_original_pixels(converted_released, tmp_path):
   """kpjax.predict on a converted model: the original network's outputs, read as the centres of the
-  original's truncated target cells (the converter's default, kpjax.kpdem.coords_to_original)."""
+  original's truncated target cells (the converter's default, kpjax.data.kpdem.coords_to_original)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  from kpjax import keypoints  # pylint: disable=g-import-not-at-top
-  from kpjax import kpdem  # pylint: disable=g-import-not-at-top
-  from kpjax import predict  # pylint: disable=g-import-not-at-top
+  from kpjax.data import keypoints
+  from kpjax.data import kpdem
+  from kpjax.inference import prediction as predict
   model, model_dir, paths = converted_released
   out = tmp_path / 'preds.csv'
-  assert predict.main(['--checkpoint', model_dir, '--images', *paths, '--out', str(out)]) == 0
+  assert predict_cli.main(['--checkpoint', model_dir, '--images', *paths, '--out', str(out)]) == 0
   rows = [line.split(',') for line in out.read_text().strip().splitlines()[1:]]
   assert len(rows) == len(paths)
   columns = 2 + keypoints.keypoint_indices('trousers')

@@ -1,4 +1,4 @@
-"""kpjax.data.csv_io cells: integer and decimal coordinates, clear refusals, and what rounding costs."""
+"""kpjax.data.fashionai_csv cells: integer and decimal coordinates, clear refusals, and what rounding costs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kpjax.data import csv_io
+from kpjax.data import fashionai_csv as csv_io
 
 
 @pytest.mark.parametrize('cell,want', [

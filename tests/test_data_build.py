@@ -1,4 +1,4 @@
-"""kpjax.data.build / kpjax.data.fashionai: a synthetic set built into array_record and read back with tfds
+"""kpjax.data.build / kpjax.data.build.fashionai: a synthetic set built into array_record and read back with tfds
 (no TensorFlow), the hashed validation split, and a clear report for every kind of bad data."""
 
 from __future__ import annotations
@@ -13,9 +13,14 @@ import sys
 import numpy as np
 import pytest
 
-from kpjax import keypoints as kp
-from kpjax.data import build, csv_io, fashionai, preprocess, synthetic
+from kpjax.data import keypoints as kp
+from kpjax.data import build
+from kpjax.data import fashionai_csv as csv_io
+from kpjax.data.build import fashionai
+from kpjax.data import geometry as preprocess
+from kpjax.data import synthetic
 from rename_faults import fail_renames
+from kpjax.data import images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_TEST = 30, 4
@@ -67,7 +72,7 @@ def test_records_equal_the_files(raw, built):
       row = rows[image_id]
       with open(os.path.join(raw, 'train', image_id), 'rb') as f:
         assert rec['image'] == f.read()  # stored as released, not re-encoded
-      image = preprocess.decode_image(rec['image'])
+      image = images.decode_image(rec['image'])
       assert (int(rec['height']), int(rec['width'])) == image.shape[:2]
       assert int(rec['category']) == kp.CATEGORIES.index(row.category)
       np.testing.assert_array_equal(rec['keypoints'], row.keypoints)

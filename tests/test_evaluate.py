@@ -10,8 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from kpjax import evaluate
-from kpjax import keypoints as kp
+from kpjax.inference import evaluation as evaluate
+from kpjax.data import keypoints as kp
+from kpjax.cli import evaluate as evaluate_cli
+from kpjax.inference import scoring
+from kpjax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = 'image_id,image_category,' + ','.join(kp.KEYPOINT_NAMES) + '\n'
@@ -49,7 +52,7 @@ def _files(tmp_path, gt_rows=GT_ROWS, pred_rows=PRED_ROWS):
 def test_scores_hand_computed_files(tmp_path, capsys):
   gt, pred = _files(tmp_path)
   out = tmp_path / 'sub' / 'ne.json'
-  assert evaluate.main(['--annotations', gt, '--predictions', pred, '--json', str(out)]) == 0
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred, '--json', str(out)]) == 0
   table = capsys.readouterr().out
   m = json.loads(out.read_text())
   assert m['ne'] == pytest.approx(np.mean(SKIRT + BLOUSE))
@@ -77,7 +80,7 @@ def test_scores_hand_computed_files(tmp_path, capsys):
 def test_mismatched_files_are_errors_naming_the_image(tmp_path, capsys, pred_rows, message):
   gt, pred = _files(tmp_path, pred_rows=pred_rows)
   out = tmp_path / 'ne.json'
-  assert evaluate.main(['--annotations', gt, '--predictions', pred, '--json', str(out)]) == 2
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred, '--json', str(out)]) == 2
   err = capsys.readouterr().err
   assert err.startswith('error: ') and len(err.strip().splitlines()) == 1
   assert __import__('re').search(message, err), err
@@ -88,7 +91,7 @@ def test_unnormalisable_images_are_reported(tmp_path, capsys):
   gt_rows = [GT_ROWS[0], GT_ROWS[1].replace(',100_100_1,', ',-1_-1_-1,')]  # blouse armpit_right absent
   assert gt_rows[1].split(',')[2 + kp.KEYPOINT_NAMES.index('armpit_right')] == '-1_-1_-1'
   gt, pred = _files(tmp_path, gt_rows=gt_rows)
-  assert evaluate.main(['--annotations', gt, '--predictions', pred]) == 0
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred]) == 0
   captured = capsys.readouterr()
   assert 'Images/blouse/b.jpg' in captured.err and 'not scored' in captured.err
   assert '1 images not scored' in captured.out
@@ -97,15 +100,15 @@ def test_unnormalisable_images_are_reported(tmp_path, capsys):
 def test_usage_errors(tmp_path, capsys):
   gt, pred = _files(tmp_path)
   with pytest.raises(SystemExit) as e:
-    evaluate.main(['--annotations', gt])
+    evaluate_cli.main(['--annotations', gt])
   assert e.value.code == 2
   with pytest.raises(SystemExit):
-    evaluate.main(['--annotations', gt, '--predictions', pred, '--checkpoint', 'x'])
+    evaluate_cli.main(['--annotations', gt, '--predictions', pred, '--checkpoint', 'x'])
   capsys.readouterr()
-  assert evaluate.main(['--annotations', gt, '--predictions', str(tmp_path / 'missing.csv')]) == 2
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', str(tmp_path / 'missing.csv')]) == 2
   assert 'missing.csv' in capsys.readouterr().err
   (tmp_path / 'bad.csv').write_text('image_id,image_category\nx,skirt\n')
-  assert evaluate.main(['--annotations', gt, '--predictions', str(tmp_path / 'bad.csv')]) == 2
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', str(tmp_path / 'bad.csv')]) == 2
   assert 'bad.csv' in capsys.readouterr().err
 
 
@@ -120,7 +123,7 @@ def test_cli_process(tmp_path):
 def test_evaluate_batches_scores_a_model_that_finds_the_keypoints(tmp_path):
   """The colour-blob checkpoint of test_predict over hand-made eval batches: NE is tiny, padding ignored."""
   import dataclasses
-  from kpjax import inference
+  from kpjax.inference import predictor as inference
   import test_predict as tp
 
   net_vars = tp.colour_detector_variables((0, 1, 2, 0))
@@ -129,7 +132,7 @@ def test_evaluate_batches_scores_a_model_that_finds_the_keypoints(tmp_path):
   batches = []
   for h, w, centres in tp.BLOB_CASES[:3]:
     image = tp.blob_image(h, w, centres, sigma=max(h, w) / tp.SIZE * 1.5)
-    x, affine = spec.preprocessing.prepare(image, tp.SIZE)
+    x, affine = spec.convention.prepare(image, tp.SIZE)
     gt = np.zeros((24, 2))
     gt[kp.keypoint_indices('skirt')] = [centres[0], centres[1], centres[2], centres[0]]
     vis = np.where(kp.category_mask('skirt'), 1, -1)
@@ -140,7 +143,7 @@ def test_evaluate_batches_scores_a_model_that_finds_the_keypoints(tmp_path):
   padded = batches + [dict(batches[0], valid=False, image_id='pad', index=-1)]
   stacked = [{k: np.stack([b[k] for b in padded[i:i + 2]]) for k in padded[0]} for i in (0, 2)]
   predict_fn = inference.make_predict_fn(model)
-  scores, preds = inference.evaluate_batches(predict_fn, variables, stacked, spec)
+  scores, preds = scoring.evaluate_batches(predict_fn, variables, stacked, spec)
   assert list(preds['image_id']) == ['img0', 'img1', 'img2']
   assert preds['pred'].shape == (3, 24, 2) and np.isnan(preds['pred'][:, ~kp.category_mask('skirt')]).all()
   # Normalised by the waistband (red-green distance): errors under one input pixel are a few percent.
@@ -149,7 +152,7 @@ def test_evaluate_batches_scores_a_model_that_finds_the_keypoints(tmp_path):
   np.testing.assert_array_equal(preds['pred'][:2, kp.keypoint_indices('skirt')], direct)
   with pytest.raises(ValueError, match='a blouse model cannot score image img0 of category skirt'):
     blouse = tp.model_lib.CoordRegressionNetwork(13, width=0.125, num_stages=1)
-    inference.evaluate_batches(inference.make_predict_fn(blouse), tp._init(blouse, 0), stacked,
+    scoring.evaluate_batches(inference.make_predict_fn(blouse), tp._init(blouse, 0), stacked,
                                dataclasses.replace(spec, category='blouse'))
 
 
@@ -175,20 +178,20 @@ def test_scores_a_model_on_a_dataset_split(tmp_path, monkeypatch, capsys):
 
   def get_source(data, split, workdir=None):
     seen['split'] = split
-    return pipeline.RecordSource(records, split)
+    return sources.RecordSource(records, split)
 
-  monkeypatch.setattr(pipeline, 'get_source', get_source)
+  monkeypatch.setattr(sources, 'get_source', get_source)
   ckpt = tp._save(tmp_path, 'blob', tp.colour_detector_variables((0, 1, 2, 0)), 'skirt')
   out = tmp_path / 'ne.json'
   argv = ['--config', os.path.join(ROOT, 'configs/skirt.py'), f'--config.input_size={tp.SIZE}',
           *tp.SLIM, '--checkpoint', ckpt, '--split', 'validation', '--batch-size', '2', '--json', str(out)]
-  assert evaluate.main(argv) == 0, capsys.readouterr().err
+  assert evaluate_cli.main(argv) == 0, capsys.readouterr().err
   m = json.loads(out.read_text())
   assert seen['split'] == 'validation'
   assert m['count'] == m['count/skirt'] == 12 and m['images'] == 3 and 'ne/trousers' not in m
   assert m['ne'] < 0.05 and m['pck@0.1'] == 1.0
-  assert evaluate.main(argv[:-2] + ['--flip']) == 0
+  assert evaluate_cli.main(argv[:-2] + ['--flip']) == 0
   assert 'overall' in capsys.readouterr().out
   # A config that disagrees with the checkpoint is an error, not a different model.
-  assert evaluate.main(argv[:2] + tp.SLIM + ['--checkpoint', ckpt]) == 2
+  assert evaluate_cli.main(argv[:2] + tp.SLIM + ['--checkpoint', ckpt]) == 2
   assert 'input_size' in capsys.readouterr().err

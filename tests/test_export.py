@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 import kpjax
-from kpjax import checkpoint
-from kpjax import export
-from kpjax import keypoints as kp
-from kpjax import model as model_lib
+from kpjax.inference import checkpoints as checkpoint
+from kpjax.cli import export as export_cli
+from kpjax.data import keypoints as kp
+from kpjax.model import network as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, WIDTH, STAGES, SIZE = 7, 0.125, 2, 32
@@ -72,7 +72,7 @@ def assert_close(got, want):
 def run_cli(argv, capsys):
   """(exit status, stderr) of the CLI run in this process (argparse's usage errors exit by SystemExit)."""
   try:
-    code = export.main([str(a) for a in argv])
+    code = export_cli.main([str(a) for a in argv])
   except SystemExit as e:
     code = e.code
   captured = capsys.readouterr()
@@ -91,7 +91,7 @@ def model(tmp_path_factory):
 def onnx_file(model, tmp_path_factory):
   pytest.importorskip('onnx')
   out = tmp_path_factory.mktemp('onnx') / 'trousers.onnx'
-  assert export.main(['--checkpoint', model[0], '--format', 'onnx', '--out', str(out)]) == 0
+  assert export_cli.main(['--checkpoint', model[0], '--format', 'onnx', '--out', str(out)]) == 0
   return str(out)
 
 
@@ -124,7 +124,7 @@ def test_onnx_pool_unpool_keeps_the_first_maximum_of_ties_as_kpjax_does():
   """MaxPool(indices) + MaxUnpool in onnxruntime equals kpjax.model.pool_unpool exactly, ties included."""
   ort = pytest.importorskip('onnxruntime')
   onnx = pytest.importorskip('onnx')
-  from kpjax import export_onnx  # pylint: disable=g-import-not-at-top
+  from kpjax.export import onnx_graph as export_onnx
   g = export_onnx._Graph()  # pylint: disable=protected-access
   y = g.pool_unpool('x', 'p')
   shape = ['batch', 4, 8, 8]
@@ -157,7 +157,7 @@ def test_readme_onnx_example_gives_kpjax_inputs_and_pixels(model, tmp_path, caps
 
   meta = dict(META, preprocessing=mode, **({'kpdem_targets': targets} if targets else {}))
   ckpt = checkpoint.save_model(str(tmp_path / 'model'), model[1], meta)
-  preprocessing = checkpoint.check_metadata(meta).preprocessing
+  preprocessing = checkpoint.check_metadata(meta).convention
   assert run_cli(['--checkpoint', ckpt, '--format', 'onnx', '--out', tmp_path / 'demo.onnx'], capsys)[0] == 0
   photo = np.random.default_rng(3).integers(0, 256, (75, 101, 3), dtype=np.uint8)  # > 2x the input: box filter
   Image.fromarray(photo).save(tmp_path / 'photo.jpg', quality=95)
@@ -238,7 +238,7 @@ def test_converted_kpdem_model_exports(tmp_path, capsys):
   torch network itself and with kpjax, on inputs in the original's [0, 1/255] range."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  from kpjax.configs import base  # pylint: disable=g-import-not-at-top
+  from kpjax.configs import base
   from convert import torch_to_flax  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
 
@@ -282,8 +282,8 @@ def _bad_requests(model_dir, out):
       'batch -1': (['--checkpoint', model_dir, '--format', 'stablehlo', '--out', out, '--batch=-1'], '--batch'),
       'batch text': (['--checkpoint', model_dir, '--format', 'onnx', '--out', out, '--batch', 'many'], '--batch'),
       'batch float': (['--checkpoint', model_dir, '--format', 'stablehlo', '--out', out, '--batch', '1.5'], '--batch'),
-      'input size': (['--checkpoint', model_dir, '--format', 'stablehlo', '--out', out, '--input-size', '30'],
-                     'multiple of 8'),
+      'input size': (['--checkpoint', model_dir, '--format', 'stablehlo', '--out', out, '--input-size', '31'],
+                     'a positive even number of pixels'),
       'config disagrees': (['--checkpoint', model_dir, '--format', 'stablehlo', '--out', out, '--config',
                             os.path.join(ROOT, 'configs/skirt.py')], "category = 'skirt'"),
       'no format': (['--checkpoint', model_dir, '--out', out], '--format'),
@@ -322,8 +322,8 @@ def test_parameters_that_disagree_with_the_metadata_are_an_error(model, tmp_path
 
 def test_without_the_export_extra_onnx_names_it(model, tmp_path, capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, 'onnx', None)  # `import onnx` now raises ImportError
-  monkeypatch.delitem(sys.modules, 'kpjax.export_onnx', raising=False)
-  monkeypatch.delattr(kpjax, 'export_onnx', raising=False)
+  monkeypatch.delitem(sys.modules, 'kpjax.export.onnx_graph', raising=False)
+  monkeypatch.delattr(kpjax.export, 'onnx_graph', raising=False)
   code, err = run_cli(['--checkpoint', model[0], '--format', 'onnx', '--out', tmp_path / 'm.onnx'], capsys)
   assert code == 2 and err.startswith('error: ') and "pip install 'kpjax[export]'" in err
   assert list(tmp_path.iterdir()) == []

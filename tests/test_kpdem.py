@@ -1,4 +1,4 @@
-"""kpjax.kpdem: the original's resize (against scikit-image itself) and coordinate conventions."""
+"""kpjax.data.kpdem: the original's resize (against scikit-image itself) and coordinate conventions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage import transform
 
-from kpjax import kpdem
+from kpjax.data import kpdem
 
 SIZES = [  # (H, W, size): down, up, mixed (one axis each way), odd, tiny, square, identity
     (512, 512, 64), (300, 200, 64), (37, 53, 64), (20, 30, 64), (100, 40, 64), (513, 333, 32), (7, 9, 16),

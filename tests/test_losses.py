@@ -1,4 +1,4 @@
-"""kpjax.losses.keypoint_loss against KPDEM's dsntnn recipe (convert/torch_model.kpdem_loss).
+"""kpjax.model.losses.keypoint_loss against KPDEM's dsntnn recipe (convert/torch_model.kpdem_loss).
 
 average_loss(euclidean_losses + js_weight * js_reg_losses(sigma_t), mask): values and gradients (w.r.t.
 coords and heatmaps) against torch autograd in float64, with and without a mask; absent keypoints
@@ -16,7 +16,7 @@ import torch
 
 from convert import torch_model
 from kpjax import dsnt
-from kpjax.losses import keypoint_loss
+from kpjax.model.losses import keypoint_loss
 
 
 def _predictions(seed: int, b: int = 2, n_locations: int = 5, h: int = 8, w: int = 12):

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import train_fixture as fx
-from kpjax import keypoints
-from kpjax import train_step as ts
+from kpjax.data import keypoints
+from kpjax.train import step as ts
 from kpjax.configs import base
 
 SIZE, BATCH, STEPS = 32, 4, 40

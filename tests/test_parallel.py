@@ -18,8 +18,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 import train_fixture as fx
-from kpjax import parallel
-from kpjax import train
+from kpjax.inference import devices
+from kpjax.train import distributed
+from kpjax.train import loop as train
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_fixture.py')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,12 +75,12 @@ def reference(tmp_path_factory):
 
 
 def test_mesh_sharding_and_rows():
-  mesh = parallel.make_mesh()
+  mesh = devices.make_mesh()
   assert mesh.axis_names == ('data',) and mesh.devices.size == jax.device_count()
-  batch = parallel.shard_batch({'image': np.arange(24.0).reshape(4, 6)}, mesh)
+  batch = devices.shard_batch({'image': np.arange(24.0).reshape(4, 6)}, mesh)
   assert batch['image'].sharding.spec == PartitionSpec('data')
-  np.testing.assert_array_equal(parallel.local_rows(batch['image']), np.arange(24.0).reshape(4, 6))
-  assert parallel.local_batch_size(8, mesh) == 8 and parallel.local_batch_size(1, mesh) == 1
+  np.testing.assert_array_equal(devices.local_rows(batch['image']), np.arange(24.0).reshape(4, 6))
+  assert devices.local_batch_size(8, mesh) == 8 and devices.local_batch_size(1, mesh) == 1
 
 
 def test_two_processes_of_two_devices_then_one_device(reference, tmp_path, monkeypatch):
@@ -129,12 +130,12 @@ def test_a_failed_multi_task_start_stops_with_one_error(tmp_path):
 
 
 def test_launch_detection():
-  assert parallel.detect_launch({}) is None
-  assert parallel.detect_launch(ONE_SLURM_TASK).tasks == 1
-  assert parallel.detect_launch({'SLURM_JOB_ID': '1', 'SLURM_NTASKS': '8', 'SLURM_STEP_NUM_TASKS': '4'}).tasks == 4
-  assert parallel.detect_launch({'OMPI_COMM_WORLD_SIZE': '3'}) == parallel.Launch('Open MPI', 3, 'OMPI_COMM_WORLD_SIZE=3')
-  assert parallel.detect_launch({'TPU_WORKER_HOSTNAMES': 'a,b,c,d'}).tasks == 4
-  assert parallel.detect_launch({'TPU_WORKER_HOSTNAMES': 'localhost'}).tasks == 1
+  assert distributed.detect_launch({}) is None
+  assert distributed.detect_launch(ONE_SLURM_TASK).tasks == 1
+  assert distributed.detect_launch({'SLURM_JOB_ID': '1', 'SLURM_NTASKS': '8', 'SLURM_STEP_NUM_TASKS': '4'}).tasks == 4
+  assert distributed.detect_launch({'OMPI_COMM_WORLD_SIZE': '3'}) == distributed.Launch('Open MPI', 3, 'OMPI_COMM_WORLD_SIZE=3')
+  assert distributed.detect_launch({'TPU_WORKER_HOSTNAMES': 'a,b,c,d'}).tasks == 4
+  assert distributed.detect_launch({'TPU_WORKER_HOSTNAMES': 'localhost'}).tasks == 1
 
 
 def _snapshot(workdir):

@@ -9,13 +9,16 @@ import pytest
 from PIL import Image
 
 import train_fixture as fx
-from kpjax import config_check
-from kpjax import keypoints as kp
+from kpjax.train import config_check
+from kpjax.data import keypoints as kp
 from kpjax.configs import base
-from kpjax.data import modes
+from kpjax.data import conventions
 from kpjax.data import pipeline
-from kpjax.data import preprocess
-from kpjax.spec import ModelSpec
+from kpjax.data import geometry as preprocess
+from kpjax.data.spec import ModelSpec
+from kpjax.data import images
+from kpjax import errors
+from kpjax.data import sources
 
 SIZE = 64
 NUM_RECORDS = 30
@@ -53,7 +56,7 @@ def make_records(n=NUM_RECORDS, seed=0):
 
 @pytest.fixture(scope='module')
 def source():
-  return pipeline.RecordSource(make_records())
+  return sources.RecordSource(make_records())
 
 
 def _config(category='all', batch_size=4, augment=True, preprocessing='kpjax'):
@@ -121,6 +124,7 @@ def test_resume_from_state_gives_the_following_batches(source):
 
 
 def test_resume_with_worker_processes_and_a_changed_worker_count(source):
+  """The state is the stream position alone, so a run resumes with any number of grain workers."""
   reference = _take(fx.train_batches(_config(augment=False), source, seed=2), 6)
   config = _config(augment=False)
   config.data.worker_count = 2
@@ -134,10 +138,8 @@ def test_resume_with_worker_processes_and_a_changed_worker_count(source):
   finally:
     it.close()
   _assert_batches_equal(first, reference[:3])  # worker processes do not change the stream
-  for k, state in enumerate(states):  # the state we rebuild for a changed worker_count is grain's
-    assert state['batches'] == k and state['worker_count'] == 2
-    assert pipeline._grain_state(k, 2) == state['grain']  # pylint: disable=protected-access
-  fresh = fx.train_batches(config, source, seed=2)  # same worker count: grain's own state
+  assert states == [{'batches': k} for k in range(4)]  # nothing of grain's own, private, state
+  fresh = fx.train_batches(config, source, seed=2)  # the same worker count
   try:
     fresh.set_state(states[2])
     _assert_batches_equal(_take(fresh, 2), reference[2:4])
@@ -154,6 +156,12 @@ def test_resume_with_worker_processes_and_a_changed_worker_count(source):
     _assert_batches_equal(_take(one, 1), reference[5:6])
   finally:
     one.close()
+  old = fx.train_batches(config, source, seed=2)  # a state kpjax 0.1.0 saved, with grain's own in it
+  try:
+    old.set_state({'batches': 4, 'worker_count': 2, 'grain': {'next_index_in_cycle': 0}})
+    _assert_batches_equal(_take(old, 1), reference[4:5])
+  finally:
+    old.close()
   with pytest.raises(ValueError, match='batches'):
     single.set_state({'next_index': 3})
 
@@ -207,8 +215,8 @@ def test_category_filter_reads_no_image(source):
   broken = make_records(10)
   for r in broken:
     r['image'] = b'not an image'
-  np.testing.assert_array_equal(pipeline.example_indices(pipeline.RecordSource(broken), 'skirt'), [3, 8])
-  np.testing.assert_array_equal(pipeline.example_indices(broken, 'dress'), [1, 6])  # a plain list works too
+  np.testing.assert_array_equal(sources.example_indices(sources.RecordSource(broken), 'skirt'), [3, 8])
+  np.testing.assert_array_equal(sources.example_indices(broken, 'dress'), [1, 6])  # a plain list works too
 
 
 def test_masks_of_absent_and_pushed_out_keypoints(source):
@@ -222,7 +230,7 @@ def test_masks_of_absent_and_pushed_out_keypoints(source):
   # Targets are the letterboxed keypoints in dsntnn coordinates.
   for row, i in enumerate(ids):
     affine = preprocess.letterbox_affine(records[i]['height'], records[i]['width'], SIZE)
-    expected = modes.get('kpjax').input_pixels_to_coords(preprocess.apply_affine(records[i]['keypoints'], affine),
+    expected = conventions.get('kpjax').input_pixels_to_coords(preprocess.apply_affine(records[i]['keypoints'], affine),
                                                          SIZE)
     keep = visibility[row] >= 0
     np.testing.assert_allclose(batch['target'][row][keep], expected[keep], atol=1e-6)
@@ -260,7 +268,7 @@ def test_train_targets_land_on_the_drawn_dot():
     ref = transform.random_map(blank, np.random.default_rng(seed))
     if out['mask'].min() == 0:
       continue
-    pixels = modes.get('kpjax').coords_to_input_pixels(out['target'], SIZE)
+    pixels = conventions.get('kpjax').coords_to_input_pixels(out['target'], SIZE)
     assert np.allclose(pixels, pixels[0], atol=1e-4)  # all keypoints share the dot
     diff = ((out['image'] - ref['image']) * preprocess.STDDEV_RGB).mean(-1)
     if pixels[0].min() < 8 or pixels[0].max() > SIZE - 9:
@@ -276,7 +284,7 @@ def test_train_targets_land_on_the_drawn_dot():
 def test_kpdem_preprocessing(source):
   with pytest.raises(ValueError, match='kpdem'):
     fx.train_batches(_config(preprocessing='kpdem'), source, seed=0)
-  with pytest.raises(config_check.ConfigError, match="augment.enabled = True with config.preprocessing = 'kpdem'"):
+  with pytest.raises(errors.ConfigError, match="augment.enabled = True with config.preprocessing = 'kpdem'"):
     config_check.check_config(_config(preprocessing='kpdem'))
   config = _config(augment=False, preprocessing='kpdem')
   batch = next(fx.train_batches(config, source, seed=0))
@@ -306,13 +314,13 @@ def test_eval_batches_padding_order_and_affine_round_trip(source, mode):
     assert b['visibility'].shape == (8, 24) and b['category'].shape == (8,) and b['valid'].dtype == bool
     assert b['image_id'].dtype == object
     valid = b['valid']
-    exact = modes.get(mode, kpdem_targets='exact')  # no truncation: the mapping itself must invert
+    exact = conventions.get(mode, kpdem_targets='exact')  # no truncation: the mapping itself must invert
     coords = exact.input_pixels_to_coords(preprocess.apply_affine(b['keypoints'], b['affine']), SIZE)
     back = exact.coords_to_original(coords, b['affine'], SIZE)
     np.testing.assert_allclose(back[valid], b['keypoints'][valid], atol=1e-6)
   last = batches[-1]
   assert np.all(last['visibility'][~last['valid']] == -1) and np.all(last['image'][~last['valid']] == 0)
-  expected = np.stack([modes.get(mode).prepare(preprocess.decode_image(r['image']), SIZE)[0]
+  expected = np.stack([conventions.get(mode).prepare(images.decode_image(r['image']), SIZE)[0]
                        for r in records[:8]])
   np.testing.assert_allclose(batches[0]['image'], expected)
 
@@ -333,25 +341,25 @@ def test_eval_batches_category_shards_and_max_images(source):
 
 def test_record_normalisation():
   record = make_records(1)[0]
-  norm = pipeline.RecordSource([record])[0]
+  norm = sources.RecordSource([record])[0]
   assert norm['image_id'] == 'Images/blouse/000.jpg' and isinstance(norm['category'], int)
   assert norm['keypoints'].dtype == np.float32 and norm['visibility'].dtype == np.int32
-  assert set(norm) == set(pipeline.RECORD_KEYS)
+  assert set(norm) == set(sources.RECORD_KEYS)
 
 
 def test_missing_tfds_dataset_names_the_build_command(tmp_path):
   config = _config()
   config.data.source = 'tfds'
   config.data.data_dir = str(tmp_path / 'nowhere')
-  with pytest.raises(pipeline.DatasetNotFoundError) as e:
-    pipeline.get_source(config.data, 'train')
+  with pytest.raises(sources.DatasetNotFoundError) as e:
+    sources.get_source(config.data, 'train')
   message = str(e.value)
   assert str(tmp_path / 'nowhere') in message
   assert (f'python -m kpjax.data.build --manual-dir <where the FashionAI archives were extracted> '
           f'--data-dir {tmp_path / "nowhere"}') in message
   assert isinstance(e.value, ValueError)
   config.data.source = 'bogus'
-  with pytest.raises(config_check.ConfigError, match="config.data.source = 'bogus': expected one of tfds, synthetic"):
+  with pytest.raises(errors.ConfigError, match="config.data.source = 'bogus': expected one of tfds, synthetic"):
     config_check.check_config(config)
 
 
@@ -359,7 +367,7 @@ def test_synthetic_without_dir_or_workdir_is_an_error():
   config = _config()
   config.data.source = 'synthetic'
   with pytest.raises(ValueError, match='workdir'):
-    pipeline.get_source(config.data, 'train')
+    sources.get_source(config.data, 'train')
 
 
 class _FakeBuilders:
@@ -402,13 +410,13 @@ def test_ensure_synthetic_builds_once_atomically(tmp_path, monkeypatch):
   fake = _FakeBuilders()
   _install(monkeypatch, fake)
   base_dir = tmp_path / 'work' / 'synthetic'
-  tfds_dir = pipeline.ensure_synthetic(str(base_dir), 12, 5)
+  tfds_dir = sources.ensure_synthetic(str(base_dir), 12, 5)
   assert tfds_dir == str(base_dir / 'tfds')
   assert fake.calls == [('generate', 12, 5), ('build', 'raw')]
   version_dir = base_dir / 'tfds' / 'fashionai_keypoints' / '1.0.0'
-  assert pipeline.find_tfds_dir(tfds_dir, 'fashionai_keypoints') == str(version_dir)
+  assert sources.find_tfds_dir(tfds_dir, 'fashionai_keypoints') == str(version_dir)
   assert (base_dir / 'raw' / 'train' / 'Annotations').is_dir()
-  assert pipeline.ensure_synthetic(str(base_dir), 12, 5) == tfds_dir
+  assert sources.ensure_synthetic(str(base_dir), 12, 5) == tfds_dir
   assert len(fake.calls) == 2  # the second call reuses it
   assert os.listdir(tmp_path / 'work') == ['synthetic']  # no temporary directory left
 
@@ -416,32 +424,32 @@ def test_ensure_synthetic_builds_once_atomically(tmp_path, monkeypatch):
 def test_ensure_synthetic_failure_and_lost_race(tmp_path, monkeypatch):
   _install(monkeypatch, _FakeBuilders(fail=True))
   with pytest.raises(RuntimeError, match='build failed'):
-    pipeline.ensure_synthetic(str(tmp_path / 'a'), 4, 0)
+    sources.ensure_synthetic(str(tmp_path / 'a'), 4, 0)
   assert os.listdir(tmp_path) == []  # nothing half-written
   racer = tmp_path / 'b'
   _install(monkeypatch, _FakeBuilders(racer_dir=str(racer)))
-  tfds_dir = pipeline.ensure_synthetic(str(racer), 4, 0)
+  tfds_dir = sources.ensure_synthetic(str(racer), 4, 0)
   info = os.path.join(tfds_dir, 'fashionai_keypoints', '1.0.0', 'dataset_info.json')
   assert json.load(open(info)) == {'winner': True}  # the first copy in place is kept
   assert os.listdir(tmp_path) == ['b']
   (tmp_path / 'c').mkdir()
   (tmp_path / 'c' / 'stray.txt').write_text('x')
-  with pytest.raises(pipeline.DatasetNotFoundError, match='holds no built synthetic dataset'):
-    pipeline.ensure_synthetic(str(tmp_path / 'c'), 4, 0)
+  with pytest.raises(sources.DatasetNotFoundError, match='holds no built synthetic dataset'):
+    sources.ensure_synthetic(str(tmp_path / 'c'), 4, 0)
 
 
 def test_pixel_records_and_corrupt_images():
   records = make_records(5)
-  pixels = [dict(r, image=preprocess.decode_image(r['image'])) for r in records]
+  pixels = [dict(r, image=images.decode_image(r['image'])) for r in records]
   config = _config(augment=False, batch_size=5)
-  a = next(fx.train_batches(config, pipeline.RecordSource(records), seed=0))
-  b = next(fx.train_batches(config, pipeline.RecordSource(pixels), seed=0))
+  a = next(fx.train_batches(config, sources.RecordSource(records), seed=0))
+  b = next(fx.train_batches(config, sources.RecordSource(pixels), seed=0))
   _assert_batches_equal([a], [b])
   records[2] = dict(records[2], image=b'\xff\xd8 truncated jpeg')
-  with pytest.raises(preprocess.ImageError, match='Images/outwear/002.jpg'):
-    next(fx.train_batches(config, pipeline.RecordSource(records), seed=0))
-  with pytest.raises(preprocess.ImageError, match='Images/outwear/002.jpg'):
-    list(fx.eval_batches(config, pipeline.RecordSource(records), batch_size=2))
+  with pytest.raises(errors.ImageError, match='Images/outwear/002.jpg'):
+    next(fx.train_batches(config, sources.RecordSource(records), seed=0))
+  with pytest.raises(errors.ImageError, match='Images/outwear/002.jpg'):
+    list(fx.eval_batches(config, sources.RecordSource(records), batch_size=2))
 
 
 def _build_tiny_tfds(data_dir, records):
@@ -480,15 +488,15 @@ def test_tfds_source_end_to_end(tmp_path):
   config.data.source = 'tfds'
   config.data.tfds_name = 'tiny_fashionai'
   config.data.data_dir = str(tmp_path / 'data')
-  train = pipeline.get_source(config.data, 'train')
-  assert len(train) == NUM_RECORDS - 6 and len(pipeline.get_source(config.data, 'validation')) == 6
+  train = sources.get_source(config.data, 'train')
+  assert len(train) == NUM_RECORDS - 6 and len(sources.get_source(config.data, 'validation')) == 6
   by_id = {r['image_id'].decode(): r for r in records}
   first = train[0]
   assert isinstance(first['image_id'], str) and isinstance(first['category'], int)
   np.testing.assert_array_equal(first['keypoints'], by_id[first['image_id']]['keypoints'])
   assert first['image'] == by_id[first['image_id']]['image']
   trousers = kp.category_index('trousers')
-  assert sorted(train[int(i)]['image_id'] for i in pipeline.example_indices(train, 'trousers')) == sorted(
+  assert sorted(train[int(i)]['image_id'] for i in sources.example_indices(train, 'trousers')) == sorted(
       r['image_id'].decode() for r in records[:-6] if r['category'] == trousers)
   config.data.worker_count = 1  # the source travels to a worker process
   it = fx.train_batches(config, train, seed=0)
@@ -497,8 +505,8 @@ def test_tfds_source_end_to_end(tmp_path):
   finally:
     it.close()
   assert sorted(ids) == [i for i in range(NUM_RECORDS - 6) if i % 5 == trousers]
-  with pytest.raises(pipeline.DatasetNotFoundError, match="no split 'test'.*train, validation"):
-    pipeline.get_source(config.data, 'test')
+  with pytest.raises(sources.DatasetNotFoundError, match="no split 'test'.*train, validation"):
+    sources.get_source(config.data, 'test')
 
 
 def test_synthetic_source_end_to_end(tmp_path):
@@ -507,24 +515,24 @@ def test_synthetic_source_end_to_end(tmp_path):
   config.data.source = 'synthetic'
   config.data.synthetic_num_images = 12
   config.data.synthetic_seed = 0
-  train = pipeline.get_source(config.data, config.data.train_split, workdir=str(tmp_path))
+  train = sources.get_source(config.data, config.data.train_split, workdir=str(tmp_path))
   base_dir = tmp_path / 'synthetic'
   assert (base_dir / 'raw' / 'train' / 'Annotations' / 'train.csv').is_file()
   stamp = os.stat(base_dir / 'tfds').st_mtime_ns
   record = train[0]
-  assert set(record) == set(pipeline.RECORD_KEYS) and isinstance(record['image_id'], str)
-  image = preprocess.decode_image(record['image'])
+  assert set(record) == set(sources.RECORD_KEYS) and isinstance(record['image_id'], str)
+  image = images.decode_image(record['image'])
   assert image.shape == (record['height'], record['width'], 3)
   assert np.all(record['visibility'][~kp.category_mask(kp.CATEGORIES[record['category']])] == -1)
   batch = next(fx.train_batches(config, train, seed=0))
   assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['mask'].sum() > 0
-  again = pipeline.get_source(config.data, config.data.eval_split, workdir=str(tmp_path))  # reuses the build
+  again = sources.get_source(config.data, config.data.eval_split, workdir=str(tmp_path))  # reuses the build
   assert os.stat(base_dir / 'tfds').st_mtime_ns == stamp
   total = len(train) + len(again)
   assert 0 < len(again) < total <= 12
   (first, *_) = fx.eval_batches(config, again, batch_size=4)
   valid = first['valid']
-  mode = modes.get('kpjax')
+  mode = conventions.get('kpjax')
   back = mode.coords_to_original(
       mode.input_pixels_to_coords(preprocess.apply_affine(first['keypoints'], first['affine']), SIZE),
       first['affine'], SIZE)
@@ -535,10 +543,10 @@ def test_two_processes_generating_at_once_agree(tmp_path):
   """Two processes asking for the same synthetic cache at once: one copy lands, both read the same data."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  script = ('import sys, json; from kpjax.configs import base; from kpjax.data import pipeline\n'
+  script = ('import sys, json; from kpjax.configs import base; from kpjax.data import sources\n'
             'c = base.get_config(); c.data.source = "synthetic"; c.data.synthetic_dir = sys.argv[1]\n'
             'c.data.synthetic_num_images = 8\n'
-            's = pipeline.get_source(c.data, "train")\n'
+            's = sources.get_source(c.data, "train")\n'
             'print(json.dumps([s[i]["image_id"] for i in range(len(s))]))\n')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = [subprocess.Popen([sys.executable, '-c', script, str(tmp_path / 'synthetic')], cwd=root,

@@ -1,5 +1,5 @@
 """Max-pool ties on flat images: converted models decide them as PyTorch does (their
-preprocessing mode's conv_algorithm, kpjax.data.modes.KpdemPreprocessing).
+preprocessing mode's conv_algorithm, kpjax.data.conventions.KpdemConvention).
 
 Plain synthetic garments (one colour on one colour, saturated bands, constant patches) make whole 2x2
 windows of the first pool tie exactly; a network whose output depends on the image then moves with
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from kpjax import model as model_lib
-from kpjax.data import modes
-from kpjax.spec import ModelSpec
+from kpjax.model import network as model_lib
+from kpjax.data import conventions
+from kpjax.data.spec import ModelSpec
 import pool_ties_reference as ref
 import torch_reference as tr
 
@@ -45,13 +45,13 @@ def slim(inputs):
   return tr.torch_state_dict_to_flax(net.state_dict()), runs
 
 
-DEFAULT = modes.get('kpdem').conv_algorithm  # what converted models run
+DEFAULT = conventions.get('kpdem').conv_algorithm  # what converted models run
 
 
 def test_converted_models_default_to_direct_convolutions_before_the_pools():
-  kpdem_spec = ModelSpec('trousers', 0.25, 2, 64, modes.get('kpdem'))
+  kpdem_spec = ModelSpec('trousers', 0.25, 2, 64, conventions.get('kpdem'))
   assert DEFAULT == 'direct-pooled' and kpdem_spec.build().conv_algorithm == 'direct-pooled'
-  assert ModelSpec('trousers', 0.25, 2, 64, modes.get('kpjax')).build().conv_algorithm == 'auto'
+  assert ModelSpec('trousers', 0.25, 2, 64, conventions.get('kpjax')).build().conv_algorithm == 'auto'
   for asked in ('direct', 'winograd', 'auto'):
     assert kpdem_spec.build(conv_algorithm=asked).conv_algorithm == asked  # the user's choice stands
   with pytest.raises(ValueError, match='conv_algorithm must be one of'):

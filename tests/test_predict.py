@@ -18,16 +18,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kpjax import checkpoint
-from kpjax import evaluate
-from kpjax import inference
-from kpjax import keypoints as kp
-from kpjax import metrics
-from kpjax import model as model_lib
-from kpjax import predict
-from kpjax.data import modes
-from kpjax.data import preprocess
-from kpjax.spec import ModelSpec
+from kpjax.inference import checkpoints as checkpoint
+from kpjax.inference import evaluation as evaluate
+from kpjax.inference import predictor as inference
+from kpjax.data import keypoints as kp
+from kpjax.metrics import normalized_error as metrics
+from kpjax.model import network as model_lib
+from kpjax.inference import prediction as predict
+from kpjax.data import conventions
+from kpjax.data import geometry as preprocess
+from kpjax.data.spec import ModelSpec
+from kpjax.data import images
+from kpjax.cli import evaluate as evaluate_cli
+from kpjax.cli import predict as predict_cli
+from kpjax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64  # network input side
@@ -132,7 +136,7 @@ def blob_images(tmp_path_factory):
 
 
 def _run(argv, capsys):
-  code = predict.main(argv)
+  code = predict_cli.main(argv)
   return code, capsys.readouterr().err
 
 
@@ -187,8 +191,8 @@ def test_decimals_round_trip_through_evaluate(tmp_path, blob_images, capsys):
   fn = inference.make_predict_fn(model)
   ids, exact, gt = [], [], []
   for n, (path, (h, w, centres)) in enumerate(zip(paths, BLOB_CASES)):
-    image = preprocess.decode_image(open(path, 'rb').read(), path)
-    x, affine = spec.preprocessing.prepare(image, SIZE)
+    image = images.decode_image(open(path, 'rb').read(), path)
+    x, affine = spec.convention.prepare(image, SIZE)
     pixels = inference.to_24(inference.to_original(fn(variables, x[None]), affine[None], spec), 'skirt')[0]
     exact.append(np.clip(pixels, 0, [w - 1, h - 1]))
     ids.append(f'Images/skirt/blob{n}.png')
@@ -211,7 +215,7 @@ def test_decimals_round_trip_through_evaluate(tmp_path, blob_images, capsys):
     want = metrics.normalized_error(pred, gt, visibility, cats)['ne']
     got = evaluate.evaluate_files(str(annotations), str(files[decimals]))[0]['ne']
     assert got == pytest.approx(want, abs=1e-5)
-    assert evaluate.main(['--annotations', str(annotations), '--predictions', str(files[decimals])]) == 0
+    assert evaluate_cli.main(['--annotations', str(annotations), '--predictions', str(files[decimals])]) == 0
   capsys.readouterr()
 
 
@@ -232,13 +236,13 @@ def test_flip_maps_back_to_the_same_blob(tmp_path, blob_images):
   plain = inference.make_predict_fn(model)
   flipped = inference.make_predict_fn(model, flip=True, category='skirt')
   for path, (h, w, centres) in zip(paths, BLOB_CASES):
-    image = preprocess.decode_image(open(path, 'rb').read(), path)
-    x, affine = spec.preprocessing.prepare(image, SIZE)
+    image = images.decode_image(open(path, 'rb').read(), path)
+    x, affine = spec.convention.prepare(image, SIZE)
     a = inference.to_original(plain(variables, x[None]), affine[None], spec)[0]
     both = np.asarray(flipped(variables, x[None]))
     assert both.shape == (1, 2, 4, 2)
     b = inference.to_original(both, affine[None], spec)[0]
-    un = spec.preprocessing.flipped_to_original(both[0, 1], affine, SIZE)
+    un = spec.convention.flipped_to_original(both[0, 1], affine, SIZE)
     want = np.array([centres[0], centres[0], centres[2], centres[2]], np.float64)
     tol = 0.75 * max(h, w) / SIZE
     np.testing.assert_allclose(a, want, atol=tol)
@@ -284,12 +288,12 @@ def test_flip_tta_of_a_symmetric_image_is_symmetric(preprocessing):
   net = model_lib.CoordRegressionNetwork(n, width=0.125, num_stages=1)
   variables = _peaky(net, _init(net, 1))
   predict_fn = inference.make_predict_fn(net, flip=True, category=category)
-  spec = ModelSpec(category, 0.125, 1, SIZE, modes.get(preprocessing))
+  spec = ModelSpec(category, 0.125, 1, SIZE, conventions.get(preprocessing))
   perm = kp.flip_permutation(category)
   for h, w in [(96, 160), (121, 75), (64, 64)]:
     image = _symmetric_image(rng, h, w)
     np.testing.assert_array_equal(image, image[:, ::-1])
-    x, affine = spec.preprocessing.prepare(image, SIZE)
+    x, affine = spec.convention.prepare(image, SIZE)
     xy = inference.to_original(predict_fn(variables, x[None]), affine[None], spec)[0]
     np.testing.assert_allclose(xy[:, 0] + xy[perm, 0], w - 1, atol=1e-3 * w, err_msg=f'{preprocessing} {w}x{h}')
     np.testing.assert_allclose(xy[:, 1], xy[perm, 1], atol=1e-3 * h)
@@ -305,7 +309,7 @@ def test_kpdem_unflip_is_the_original_image_mirror():
   affine = np.array([[SIZE / width, 0, 0], [0, SIZE / height, 0]])
   x = np.array([[0.0, 0.0], [17.0, 40.0], [511.0, 299.0]])
   flipped_c = np.stack([(width - 1 - x[:, 0]) / width, x[:, 1] / height], -1)
-  exact = modes.get('kpdem', kpdem_targets='exact')  # outputs read as x / W: the mirror alone
+  exact = conventions.get('kpdem', kpdem_targets='exact')  # outputs read as x / W: the mirror alone
   np.testing.assert_allclose(exact.flipped_to_original(flipped_c, affine, SIZE), x, atol=1e-9)
 
 
@@ -341,9 +345,9 @@ def test_predict_equals_the_model_called_by_hand(tmp_path, capsys):
     category, xy = rows[f'Images/{name}']
     assert category == name.split('/')[0]
     image = np.asarray(Image.open(images / name).convert('RGB'))
-    x, affine = modes.get('kpjax').prepare(image, SIZE)
+    x, affine = conventions.get('kpjax').prepare(image, SIZE)
     coords = np.asarray(apply(variables, x[None])[0])
-    want = np.asarray(modes.get('kpjax').coords_to_original(coords[0], affine, SIZE))
+    want = np.asarray(conventions.get('kpjax').coords_to_original(coords[0], affine, SIZE))
     want = np.clip(np.rint(want), 0, np.array([image.shape[1] - 1, image.shape[0] - 1]))
     mask = kp.category_mask(category)
     np.testing.assert_allclose(xy[mask], want[mask], atol=1.0)  # rounding at .5 may differ by a pixel
@@ -371,7 +375,7 @@ def test_usage_errors_write_nothing(tmp_path, capsys):
                     '--category', 'skirt'], capsys)
   assert code == 2 and 'missing' in err and not out.exists()
   with pytest.raises(SystemExit) as e:
-    predict.main(['--checkpoint', ckpt, '--images', str(img), '--out', str(out), '--decimals', '-1'])
+    predict_cli.main(['--checkpoint', ckpt, '--images', str(img), '--out', str(out), '--decimals', '-1'])
   assert e.value.code == 2 and '--decimals must be 0 or more' in capsys.readouterr().err and not out.exists()
   code, err = _run(['--checkpoint', str(tmp_path / 'missing'), '--images', str(img), '--out', str(out),
                     '--category', 'skirt'], capsys)
@@ -428,7 +432,7 @@ def test_assign_categories(tmp_path):
       [('Images/skirt/a.jpg', '/x/a.jpg', 'skirt'), ('Images/blouse/b.jpg', '/x/b.jpg', 'skirt')], 0)
   assert predict.assign_categories(items, 'skirt', None, str(test_csv)) == (
       [('Images/skirt/a.jpg', '/x/a.jpg', 'skirt')], 1)
-  with pytest.raises(predict.UsageError, match='disagrees with the skirt model'):
+  with pytest.raises(errors.PredictionError, match='disagrees with the skirt model'):
     predict.assign_categories(items, 'skirt', 'blouse', None)
   # An 'all' model: from the CSV, or one category for all.
   assert [c for *_, c in predict.assign_categories(items, 'all', None, str(test_csv))[0]] == ['skirt', 'blouse']
@@ -436,5 +440,5 @@ def test_assign_categories(tmp_path):
   with pytest.raises(ValueError, match='unknown garment category'):
     predict.assign_categories(items, 'all', 'hat', None)
   test_csv.write_text('image_id,image_category\nImages/skirt/a.jpg,skirt\n')
-  with pytest.raises(predict.UsageError, match='no category for image Images/blouse/b.jpg'):
+  with pytest.raises(errors.PredictionError, match='no category for image Images/blouse/b.jpg'):
     predict.assign_categories(items, 'all', None, str(test_csv))

@@ -5,7 +5,7 @@ without remat (1e-6 relative loss, 1e-5 relative L2 per gradient leaf: only XLA'
 with the Winograd convolutions on (32x32; conv4_x and conv5_x have 64 channels: conv_algorithm 'auto' picks
 Winograd for them on CPU).
 The compiled training step's temporary memory (XLA's memory analysis, no run) is smaller with remat, when
-compiled with kpjax.xla_options.compiler_options (as make_train_step does: on CPU, XLA would otherwise
+compiled with kpjax.train.xla_options.compiler_options (as make_train_step does: on CPU, XLA would otherwise
 merge the recomputation back into the forward pass). No timing is asserted.
 """
 
@@ -16,11 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpjax import losses
-from kpjax import xla_options
+from kpjax.model import losses
+from kpjax.train import xla_options
 from kpjax.model import CoordRegressionNetwork, init_variables
-
-# Policies (jax.checkpoint_policies names without arguments) useful for a network of convolutions:
 # 'nothing_saveable' (the default) keeps only each block's input; 'dots_with_no_batch_dims_saveable' also
 # keeps the outputs of matmuls without batch dimensions (the Winograd products have one, so few).
 POLICIES = ('nothing_saveable', 'dots_with_no_batch_dims_saveable')

@@ -1,17 +1,17 @@
-"""kpjax.spec.ModelSpec: config -> metadata -> spec round trips, and one comparison that names every
+"""kpjax.data.spec.ModelSpec: config -> metadata -> spec round trips, and one comparison that names every
 field on which a config and a checkpoint disagree."""
 
 import pytest
 
-from kpjax import keypoints
+from kpjax.data import keypoints
 from kpjax.configs import base
-from kpjax.data import modes
-from kpjax.spec import ModelSpec
-from kpjax.spec import SpecMismatch
+from kpjax.data import conventions
+from kpjax.data.spec import ModelSpec
+from kpjax.errors import SpecMismatch
 
 
 def _spec(category='trousers', width=0.25, num_stages=2, input_size=64, preprocessing='kpjax', **kw):
-  return ModelSpec(category, width, num_stages, input_size, modes.get(preprocessing, **kw))
+  return ModelSpec(category, width, num_stages, input_size, conventions.get(preprocessing, **kw))
 
 
 @pytest.mark.parametrize('category', keypoints.CATEGORIES + (keypoints.ALL,))
@@ -71,6 +71,6 @@ def test_check_matches_compares_only_the_fields_asked():
 def test_build_makes_the_described_network_with_the_modes_convolutions():
   net = _spec('blouse', 0.25, 3, preprocessing='kpdem').build()
   assert (net.n_locations, net.width, net.num_stages) == (13, 0.25, 3)
-  assert net.conv_algorithm == modes.get('kpdem').conv_algorithm == 'direct-pooled'
+  assert net.conv_algorithm == conventions.get('kpdem').conv_algorithm == 'direct-pooled'
   assert _spec().build(conv_algorithm='direct').conv_algorithm == 'direct'
   assert _spec(preprocessing='kpdem').build('').conv_algorithm == 'direct-pooled'  # '' = the config default

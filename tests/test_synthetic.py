@@ -10,8 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from kpjax import keypoints as kp
-from kpjax.data import csv_io, preprocess, synthetic
+from kpjax.data import keypoints as kp
+from kpjax.data import fashionai_csv as csv_io
+from kpjax.data import geometry as preprocess
+from kpjax.data import synthetic
+from kpjax.data import images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +48,7 @@ def test_layout_and_csv_round_trip(small_set):
     seen_vis.update(r.visibility[mask].tolist())
     path = os.path.join(small_set, 'train', r.image_id)
     with open(path, 'rb') as f:
-      image = preprocess.decode_image(f.read(), path)
+      image = images.decode_image(f.read(), path)
     h, w = image.shape[:2]
     assert synthetic.MIN_SIDE <= min(h, w) and max(h, w) <= synthetic.MAX_SIDE
     labelled = r.visibility >= 0

@@ -1,4 +1,4 @@
-"""kpjax.torch_file: torch.save'd state dicts read without torch, bit-exact against torch itself, in both
+"""kpjax.io.torch_file: torch.save'd state dicts read without torch, bit-exact against torch itself, in both
 file formats, and every other kind of file refused with a message naming what was found."""
 
 import collections
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kpjax import torch_file
+from kpjax.io import torch_file
 from test_convert import Payload  # runs `touch marker` when an unrestricted loader unpickles it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +197,7 @@ def test_kpjax_reads_torch_files_where_torch_is_missing(tmp_path):
   np.save(tmp_path / 'want.npy', state['w'].numpy())
   code = ('import sys; sys.modules["torch"] = None\n'  # any `import torch` now fails
           'import numpy as np\n'
-          'from kpjax import torch_file, backbone, train\n'
+          'from kpjax.io import torch_file\nfrom kpjax.model import vgg19\nfrom kpjax.train import loop\n'
           f'got = torch_file.read_state_dict({str(tmp_path / "w.pth")!r})["w"]\n'
           f'assert np.array_equal(got, np.load({str(tmp_path / "want.npy")!r}))\n'
           'print("ok")\n')

@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 
 import train_fixture as fx
-from kpjax import checkpoint as ckpt_lib
-from kpjax import train
+from kpjax.inference import checkpoints as ckpt_lib
+from kpjax.train import loop as train
 
 from kpjax.data import pipeline
+from kpjax import errors
+from kpjax.data import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +47,7 @@ def _records(workdir):
 def test_steps_lower_the_loss_on_a_fixed_batch():
   config = fx.tiny_config(learning_rate=3e-3, warmup_steps=0, schedule='constant')
   step, state = fx.step_and_state(config)
-  batch = next(fx.train_batches(config, pipeline.RecordSource(fx.RECORDS['train'])))
+  batch = next(fx.train_batches(config, sources.RecordSource(fx.RECORDS['train'])))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   losses = []
   for _ in range(25):
@@ -123,8 +125,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     def set_state(self, s):
       self.it.set_state(s)
 
+    def close(self):
+      self.it.close()
+
   monkeypatch.setattr(pipeline, 'train_iterator', lambda *a, **k: Poisoned(real(*a, **k)))
-  with pytest.raises(train.TrainingError, match=r'not finite at step 6.*last good checkpoint \(step 4\)'):
+  with pytest.raises(errors.TrainingError, match=r'not finite at step 6.*last good checkpoint \(step 4\)'):
     train.train_and_evaluate(fx.tiny_config(), str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
   variables, _ = ckpt_lib.load_model(str(tmp_path))
@@ -198,7 +203,7 @@ def test_cli_overrides_sigterm_saves_and_a_rerun_resumes(tmp_path):
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--config.input_size=30', 'config.input_size = 30: expected a positive multiple of 8'),
+    ('--config.input_size=31', 'config.input_size = 31: expected a positive even number of pixels'),
     ('--config.optimizer=sgd', "config.optimizer = 'sgd': expected one of adam, rmsprop"),
     ('--config.compute_dtype=float8', "config.compute_dtype = 'float8': expected one of"),
     ('--config.compute_dtype=float16', 'use bfloat16'),

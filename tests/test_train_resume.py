@@ -6,8 +6,8 @@ import jax
 import numpy as np
 
 import train_fixture as fx
-from kpjax import checkpoint as ckpt_lib
-from kpjax import train
+from kpjax.inference import checkpoints as ckpt_lib
+from kpjax.train import loop as train
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kpjax import keypoints as kp
-from kpjax import visualize as vis
+from kpjax.data import keypoints as kp
+from kpjax.inference import drawing as vis
+from kpjax.train import curves
 
 K = kp.KEYPOINT_NAMES.index
 
@@ -120,7 +121,7 @@ def test_plot_curves(tmp_path):
             for s in (25, 50, 100)]
   text = '\n'.join(json.dumps(r) for r in lines) + '\n{"step": 101, "train/lo'  # a line still being written
   path.write_text(text)
-  out = vis.plot_curves(path, tmp_path / 'curves.png')
+  out = curves.plot_curves(path, tmp_path / 'curves.png')
   with Image.open(out) as im:
     im.load()
     assert im.format == 'PNG' and im.size == (1000, 400)
@@ -129,12 +130,12 @@ def test_plot_curves(tmp_path):
   empty = tmp_path / 'empty.jsonl'
   empty.write_text('{"step": 1, "other": 3}\n')
   with pytest.raises(ValueError, match='no .train/loss. or .eval/ne. values'):
-    vis.plot_curves(empty, tmp_path / 'none.png')
+    curves.plot_curves(empty, tmp_path / 'none.png')
   assert not (tmp_path / 'none.png').exists()
   broken = tmp_path / 'broken.jsonl'
   broken.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
   with pytest.raises(ValueError, match='broken.jsonl:2'):
-    vis.plot_curves(broken, tmp_path / 'x.png')
+    curves.plot_curves(broken, tmp_path / 'x.png')
 
 
 def test_save_prediction_grid(tmp_path):

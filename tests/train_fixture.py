@@ -15,10 +15,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kpjax import keypoints as kp  # pylint: disable=wrong-import-position
-from kpjax.configs import base  # pylint: disable=wrong-import-position
-from kpjax.data import pipeline  # pylint: disable=wrong-import-position
-from kpjax.spec import ModelSpec  # pylint: disable=wrong-import-position
+from kpjax.data import keypoints as kp
+from kpjax.configs import base
+from kpjax.data import pipeline
+from kpjax.data.spec import ModelSpec
+from kpjax.data import sources
 
 
 def make_records(n: int, seed: int, category: str = 'trousers') -> list[dict]:
@@ -46,16 +47,16 @@ RECORDS = {'train': make_records(16, 0), 'validation': make_records(9, 1)}  # 9:
 
 def _get_source(data, split, workdir=None):
   del data, workdir
-  return pipeline.RecordSource(RECORDS[split], split)
+  return sources.RecordSource(RECORDS[split], split)
 
 
 def install_source(monkeypatch=None) -> None:
-  """Makes pipeline.get_source serve RECORDS instead of a TFDS dataset (undone after the test when
+  """Makes sources.get_source serve RECORDS instead of a TFDS dataset (undone after the test when
   given pytest's monkeypatch; for good in the subprocess script)."""
   if monkeypatch is None:
-    pipeline.get_source = _get_source
+    sources.get_source = _get_source
   else:
-    monkeypatch.setattr(pipeline, 'get_source', _get_source)
+    monkeypatch.setattr(sources, 'get_source', _get_source)
 
 
 def tiny_config(**overrides):
@@ -88,7 +89,7 @@ def with_overrides(config, overrides: dict):
 
 def train_batches(config, source, seed: int = 0, process_index: int = 0, process_count: int = 1):
   """The training batches of a config (with `seed`), as kpjax.train makes them."""
-  from kpjax import train  # pylint: disable=g-import-not-at-top
+  from kpjax.train import loop as train
   config = config.copy_and_resolve_references()
   config.seed = seed
   return train.make_train_iterator(config, source, process_index, process_count)
@@ -101,7 +102,7 @@ def eval_batches(config, source, **kwargs):
 
 def step_and_state(config, mesh=None, seed: int = 0):
   """(jitted train step, fresh TrainState) for a config, as kpjax.train builds them."""
-  from kpjax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from kpjax.train import step as ts
   model, optimizer, step = ts.make_training(config, mesh)
   return step, ts.create_train_state(model, optimizer, jax.random.key(seed), config.input_size)
 
@@ -122,15 +123,16 @@ def train_losses(workdir: str) -> list[tuple[int, float]]:
 if __name__ == '__main__':
   # python tests/train_fixture.py WORKDIR JSON: trains tiny_config(**JSON) in WORKDIR on RECORDS and prints the
   # summary as JSON. JSON may hold '_distributed': {coordinator, num_processes, process_id} (a process of a
-  # multi-process run; without it, what the environment says: kpjax.parallel.initialize_distributed), and
+  # multi-process run; without it, what the environment says: kpjax.distributed.initialize_distributed), and
   # '_evaluate': true (then also print kpjax.evaluate's scores of the workdir's latest checkpoint).
-  from kpjax import evaluate  # pylint: disable=g-import-not-at-top
-  from kpjax import parallel  # pylint: disable=g-import-not-at-top
-  from kpjax import train  # pylint: disable=g-import-not-at-top
+  from kpjax.inference import evaluation as evaluate
+  from kpjax.inference import devices
+  from kpjax.train import distributed
+  from kpjax.train import loop as train
   workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
   dist = overrides.pop('_distributed', None) or {}
   then_evaluate = overrides.pop('_evaluate', False)
-  parallel.initialize_distributed(dist.get('coordinator'), dist.get('num_processes'), dist.get('process_id'))
+  distributed.initialize_distributed(dist.get('coordinator'), dist.get('num_processes'), dist.get('process_id'))
   install_source()
   config = tiny_config(**overrides)
   print(json.dumps(train.train_and_evaluate(config, workdir)))

@@ -1,11 +1,11 @@
 """Keypoint-aware training augmentation: one random affine for pixels and keypoints, plus colour jitter.
 
 Every geometric change (zoom, rotation, translation, horizontal flip) is a (2, 3) matrix on
-model-input pixel coordinates (pixel centres at integers, see kpjax.data.preprocess) composed with
+model-input pixel coordinates (pixel centres at integers, see kpjax.data.geometry) composed with
 the letterbox into ONE affine original pixel -> input pixel. The image is resampled once through
-it (preprocess.warp_image) and the keypoints go through the same matrix (preprocess.apply_affine),
+it (geometry.warp_image) and the keypoints go through the same matrix (geometry.apply_affine),
 so they move exactly with the pixels. A flip also swaps left/right keypoints
-(kpjax.keypoints.flip_permutation), so `cuff_left_in` still names the garment's left cuff.
+(kpjax.data.keypoints.flip_permutation), so `cuff_left_in` still names the garment's left cuff.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from kpjax import keypoints as kp
-from kpjax.data import preprocess
+from kpjax.data import geometry
+from kpjax.data import keypoints as kp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class AugmentConfig:
 
   @classmethod
   def from_config(cls, augment) -> AugmentConfig | None:
-    """From config.augment (validated by kpjax.config_check); None when augmentation is off."""
+    """From config.augment (validated by kpjax.train.config_check); None when augmentation is off."""
     if not augment.enabled:
       return None
     return cls(scale=tuple(float(s) for s in augment.scale), rotation_deg=float(augment.rotation_deg),
@@ -75,7 +75,7 @@ def flip_keypoints(points: np.ndarray, visibility: np.ndarray, category: str) ->
 
 def source_coverage(affine, height: int, width: int, size: int) -> np.ndarray:
   """Bool (size, size): which output pixels of warp_image(image (height, width), affine) fall inside the image."""
-  inv = preprocess.invert_affine(affine)
+  inv = geometry.invert_affine(affine)
   ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
   sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
   sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
@@ -132,11 +132,11 @@ def augment_example(image: np.ndarray, points: np.ndarray, visibility: np.ndarra
   """
   height, width = image.shape[:2]
   aug, flipped = sample_affine(rng, size, cfg)
-  affine = preprocess.compose_affines(aug, preprocess.letterbox_affine(height, width, size))
-  warped = preprocess.warp_image(image, affine, size)
+  affine = geometry.compose_affines(aug, geometry.letterbox_affine(height, width, size))
+  warped = geometry.warp_image(image, affine, size)
   valid = source_coverage(affine, height, width, size) if cfg.color_jitter > 0 else None
   pixels = color_jitter(warped, rng, cfg.color_jitter, valid)
-  moved = preprocess.apply_affine(points, affine)
+  moved = geometry.apply_affine(points, affine)
   visibility = np.asarray(visibility)
   if flipped:
     moved, visibility = flip_keypoints(moved, visibility, category)

@@ -1,0 +1,107 @@
+"""Running a model over prepared images: loading it, the jitted (sharded) forward pass, flip TTA, and
+mapping its outputs back to original-image pixels.
+
+Shared by training's evaluation, `kpjax.evaluate`, `kpjax.predict` and `kpjax.export`, so that all of
+them turn model outputs into original-image pixels the same way (the model's input/output convention,
+kpjax.data.conventions).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kpjax.data import keypoints as kp
+from kpjax.data.spec import ModelSpec
+from kpjax.inference import checkpoints
+from kpjax.inference import devices
+
+PredictFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def make_predict_fn(model, *, flip: bool = False, category: str | None = None, mesh=None) -> PredictFn:
+  """A jitted `fn(variables, images (B, S, S, 3) f32) -> coords` in the model's output units.
+
+  coords are (B, L, 2). With `flip`, the horizontally flipped batch runs too (one forward pass on 2B
+  images) and coords are (B, 2, L, 2): [:, 0] the images', [:, 1] the flipped images' with their
+  left/right keypoints swapped back (`kp.flip_permutation(category)`) but x still in the flipped
+  frame. `to_original` mirrors and averages such pairs in each original image's pixels, where the
+  mirror is exact for both conventions (`IOConvention.flipped_to_original`).
+
+  With a `mesh` (kpjax.devices.make_mesh), the batch is split along its 'data' axis over every
+  device and the variables replicated: pass images as a global array (devices.shard_batch; B a
+  multiple of the device count) and variables placed by devices.replicate; coords come back sharded
+  like the images (devices.local_rows reads this process's rows).
+  """
+  perm = None
+  if flip:
+    if category is None:
+      raise ValueError('flip test-time augmentation needs the model category (to swap left and right)')
+    perm = kp.flip_permutation(category)
+    if len(perm) != model.n_locations:
+      raise ValueError(f'category {category} has {len(perm)} keypoints but the model predicts {model.n_locations}')
+    perm = tuple(int(i) for i in perm)
+  return _compiled_predict(model, perm, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_predict(model, perm: tuple[int, ...] | None, mesh) -> PredictFn:
+  """One jitted function per (model, flip permutation, mesh), so repeated evaluations do not recompile."""
+
+  def predict(variables, images):
+    if perm is None:
+      return model.apply(variables, images)[0]
+    b = images.shape[0]
+    coords = model.apply(variables, jnp.concatenate([images, images[:, :, ::-1]], axis=0))[0]
+    return jnp.stack([coords[:b], coords[b:][:, np.asarray(perm)]], axis=1)
+
+  if mesh is None:
+    return jax.jit(predict)
+  rows = devices.batch_sharding(mesh)
+  return jax.jit(predict, in_shardings=(devices.replicated(mesh), rows), out_shardings=rows)
+
+
+def to_24(coords, category: str) -> np.ndarray:
+  """(N, L, 2) coordinates of `category`'s keypoints -> (N, 24, 2) in CSV order, NaN elsewhere."""
+  coords = np.asarray(coords)
+  idx = kp.keypoint_indices(category)
+  if coords.shape[-2:] != (len(idx), 2):
+    raise ValueError(f'{category} has {len(idx)} keypoints; got coordinates of shape {coords.shape}')
+  out = np.full(coords.shape[:-2] + (kp.NUM_KEYPOINTS, 2), np.nan, dtype=np.float64)
+  out[..., idx, :] = coords
+  return out
+
+
+def to_original(coords, affines, spec: ModelSpec) -> np.ndarray:
+  """Model outputs and each image's affine (B, 2, 3) -> original-image pixels (B, L, 2), float64.
+
+  coords: (B, L, 2), or (B, 2, L, 2) from a flip predict fn (the two views are averaged in pixels).
+  """
+  coords = np.asarray(coords, np.float64)
+  affines = np.asarray(affines, np.float64)
+  convention, size = spec.convention, spec.input_size
+  if coords.ndim == 4:
+    plain = convention.coords_to_original(coords[:, 0], affines, size)
+    return 0.5 * (plain + convention.flipped_to_original(coords[:, 1], affines, size))
+  return convention.coords_to_original(coords, affines, size)
+
+
+def load_predictor(checkpoint_path: str, config=None, step: int | None = None):
+  """(model, variables, spec, metadata) of a checkpoint, checked against `config` when one is given.
+
+  The checkpoint's metadata decides the network and its input (`spec`); a config that describes
+  another model is an error rather than a silently different model. The config's compute_dtype and
+  model.conv_algorithm are used for the forward pass; without a config, float32 and the
+  convention's convolutions.
+  """
+  variables, metadata = checkpoints.load_model(checkpoint_path, step=step)
+  spec = checkpoints.check_metadata(metadata)
+  if config is None:
+    return spec.build(), variables, spec, metadata
+  ModelSpec.from_config(config).check_matches(spec, theirs=f'the checkpoint {checkpoint_path}')
+  model = spec.build(config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype))
+  return model, variables, spec, metadata
