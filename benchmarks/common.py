@@ -28,6 +28,7 @@ import time
 from typing import Callable, Sequence
 
 from kpjax.cli import common as cli
+from kpjax.model import layers
 BUSY_CORES = 0.15
 DTYPES = ('float32', 'bfloat16')
 CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
@@ -47,11 +48,10 @@ class ArgumentParser(cli.ArgumentParser):
 
 
 def input_size(text: str) -> int:
-  """argparse type: a square input side in pixels, a positive multiple of 8 (the network pools 3 times)."""
+  """argparse type: a square input side in pixels the network takes (kpjax.model.layers.INPUT_SIDE_RULE)."""
   value = positive_int(text)
-  if value % 8:
-    raise argparse.ArgumentTypeError(f'must be a positive multiple of 8 (the network pools 2x2 three times); '
-                                     f'got {text}')
+  if not layers.valid_side(value):
+    raise argparse.ArgumentTypeError(f'must be {layers.INPUT_SIDE_RULE}; got {text}')
   return value
 
 
@@ -89,7 +89,7 @@ def categories() -> tuple[str, ...]:
 def add_network_args(p: argparse.ArgumentParser, *, size: int = 48, batch: int = 2) -> None:
   """The flags that say which network, input and batch to time (see `Workload`)."""
   p.add_argument('--size', type=input_size, default=size,
-                 help=f'square input side in pixels, a multiple of 8 (default {size})')
+                 help=f'square input side in pixels, even (default {size})')
   p.add_argument('--batch', type=positive_int, default=batch, help=f'images per step (default {batch})')
   p.add_argument('--width', type=positive_float, default=1.0,
                  help='channel multiplier (1.0 = KPDEM, 36.9 M parameters)')
@@ -549,7 +549,7 @@ def machine_description() -> str:
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-  """A GitHub-markdown table (printed as is, so it can be pasted into the README)."""
+  """A GitHub-markdown table (printed as is, so it can be pasted into docs/performance.md)."""
   cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
   widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
   lines = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(row, widths)) + ' |' for row in cells]

@@ -1,4 +1,4 @@
-"""GPU figures for the README: kpjax's training step and inference on one GPU, against the PyTorch original.
+"""GPU figures for docs/performance.md: kpjax's training step and inference on one GPU, against the PyTorch original.
 
   bash benchmarks/gpu.sh OUT_DIR               # checks what it needs, then runs this (< 8 min on an H100/H200)
   python benchmarks/gpu.py --out OUT_DIR       # the same, directly
@@ -319,7 +319,7 @@ def _fmt(value, spec: str, empty: str = '-') -> str:
 
 
 def markdown(report: dict) -> str:
-  """The README's GPU table, its ratio lines and the batch search, from the JSON report."""
+  """docs/performance.md's GPU table, its ratio lines and the batch search, from the JSON report."""
   lines = [f"kpjax and the PyTorch original on {report['device']} ({report['date']}; jax {report['jax']}"
            + (f", torch {report['torch']}" if report.get('torch') else '') + '). MFU: model FLOPs / time / '
            + ('dense data-sheet peak ' + ', '.join(f'{k} {v:g}' for k, v in report['peak_tflops'].items())

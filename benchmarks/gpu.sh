@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU figures for the README (benchmarks/gpu.py): kpjax's training step and inference against the PyTorch
+# GPU figures for docs/performance.md (benchmarks/gpu.py): kpjax's training step and inference against the PyTorch
 # original on one H100/H200, in under 8 minutes. Writes OUT_DIR/gpu.json and OUT_DIR/gpu.md.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR] [gpu.py flags ...]     # OUT_DIR defaults to gpu_figures

@@ -57,7 +57,7 @@ def parse_args(argv=None):
   p.add_argument('--num-images', type=common.positive_int, default=300, help='synthetic garments to make (300)')
   p.add_argument('--category', default='all', choices=common.categories(),
                  help='the records a model of this category trains on (default all)')
-  p.add_argument('--size', type=common.input_size, default=256, help='input side in pixels, a multiple of 8')
+  p.add_argument('--size', type=common.input_size, default=256, help='input side in pixels, even')
   p.add_argument('--batch', type=common.positive_int, default=32, help='images per batch (default 32)')
   p.add_argument('--workers', type=common.non_negative_int, default=0,
                  help='grain worker processes, config.data.worker_count (default 0: in this process)')
@@ -253,7 +253,7 @@ def accelerator_rows(per_core: dict[int, float], sizes=(256, 512)) -> list[dict]
 
 
 def accelerator_table(per_core: dict[int, float], cpu: str = '') -> str:
-  """The README's table (markdown) for the measured sizes, and what to set on a host with HOST_ACCELERATORS
+  """docs/performance.md's table (markdown) for the measured sizes, and what to set on a host with HOST_ACCELERATORS
   of the fastest; with nothing measured, the accelerator columns at 256 and 512."""
   measured = tuple(sorted(per_core))
   sizes = measured or (256, 512)

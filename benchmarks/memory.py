@@ -78,7 +78,7 @@ def remat_policies() -> list[str]:
 def main(argv=None):
   p = common.ArgumentParser(__doc__)
   p.add_argument('--sizes', type=comma_list(common.input_size), default=[256, 512],
-                 help='input sides, comma-separated multiples of 8 (default 256,512)')
+                 help='input sides, comma-separated even numbers (default 256,512)')
   p.add_argument('--algorithms', type=comma_list(str, ('direct', 'auto', 'winograd')), default=['direct', 'auto'])
   p.add_argument('--policies', type=comma_list(str), default=['nothing_saveable'],
                  help='remat policies to show (comma-separated jax.checkpoint_policies names)')

@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_threads = 0
 
   # ---- Input ----------------------------------------------------------------------------
-  # Side of the square network input in pixels; a multiple of 8 (pool/unpool three times).
+  # Side of the square network input in pixels: even (kpjax.model.layers.INPUT_SIDE_RULE; each 2x2 pool is
+  # undone at once, so nothing else divides it).
   config.input_size = 256
   # 'kpjax': letterbox + mean/std, dsntnn [-1, 1] targets (models trained here).
   # 'kpdem': the original's resize to a square, /255 twice, targets pixel/size in [0, 1]
@@ -60,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Convolutions (kpjax.model.conv): 'auto' (Winograd where it pays on a CPU), 'direct' (XLA's, the closest
   # match to PyTorch), 'winograd', or 'direct-pooled' ('direct' in the three blocks whose output is
   # max-pooled, 'auto' elsewhere); '' = the preprocessing's default: 'auto' for 'kpjax', 'direct-pooled'
-  # for 'kpdem' (converted models: see the README on max-pool ties). The parameters are the same whichever.
+  # for 'kpdem' (converted models: see docs/converting.md on max-pool ties). The parameters are the same whichever.
   config.model.conv_algorithm = ''
   config.compute_dtype = 'float32'  # 'bfloat16' on GPU/TPU; params, softmax, DSNT, loss stay f32
   config.remat = False  # jax.checkpoint each block (less memory, ~1/3 more compute)

@@ -3,7 +3,7 @@
 `make demo` runs `python -m kpjax.train --config configs/demo.py --workdir workdir/demo`: it draws
 the garments into the workdir (kpjax.data.synthetic), builds them as the TFDS dataset the real data
 uses, trains one 24-keypoint model (keypoints outside each garment's category masked) and reports
-FashionAI's NE per category. Figures measured on the 2-core CI machine are in the README.
+FashionAI's NE per category. Its measured time and NE are in the README's Quick start.
 """
 
 from kpjax.configs import base
@@ -16,8 +16,8 @@ def get_config():
   config.data.synthetic_num_images = 2000
   config.data.num_eval_images = 200
 
-  # Small enough for minutes on a 2-core CPU, and still learning (measured: see the README): a 32x32
-  # input, 3/32 of the channels (6 to 48), 2 CPM stages.
+  # Small enough for minutes on a 2-core CPU, and still learning (measured: docs/performance.md, the demo's
+  # time): a 32x32 input, 3/32 of the channels (6 to 48), 2 CPM stages.
   config.input_size = 32
   config.model.width = 0.09375
   config.model.num_stages = 2

@@ -143,7 +143,7 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
                        input_size: int, preprocessing: str, seed: int = 0) -> dict[str, float]:
   """Runs the torch network (convert.torch_model) and the Flax one on one random image.
 
-  The image has the value range the model's preprocessing gives (`Preprocessing.example_input`).
+  The image has the value range the model's preprocessing gives (`IOConvention.example_input`).
   Returns {'coords': max |difference| of the coordinates (normalised units), 'heatmaps': max
   |difference| of the heatmaps}.
   """

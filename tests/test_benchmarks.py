@@ -1,5 +1,6 @@
 """benchmarks/: each script's core at tiny sizes on the CPU, its figures' arithmetic, and its flag errors."""
 
+import argparse
 import json
 import math
 import os
@@ -89,10 +90,18 @@ def test_help_describes_each_script(capsys):
   assert 'Side-by-side training-step benchmark' in out and '[--remat]' in out
 
 
-@pytest.mark.parametrize('argv', [['--size', '20'], ['--batch', '0'], ['--num-stages', '7'], ['--width', '-1'],
+@pytest.mark.parametrize('argv', [['--size', '21'], ['--batch', '0'], ['--num-stages', '7'], ['--width', '-1'],
                                   ['--category', 'hats'], ['--dtype', 'float16']])
 def test_comparison_flag_errors(capsys, argv):
   _error_line(capsys, train_step.main, argv)
+
+
+def test_input_sides_are_the_networks():
+  """The benchmarks take every side the network takes (kpjax.model.layers.INPUT_SIDE_RULE), and no other."""
+  assert [common.input_size(s) for s in ('2', '20', '100', '256')] == [2, 20, 100, 256]
+  for side in ('21', '0', '-4', 'x'):
+    with pytest.raises(argparse.ArgumentTypeError):
+      common.input_size(side)
 
 
 def test_memory_remat_keeps_less(capsys):
@@ -100,7 +109,7 @@ def test_memory_remat_keeps_less(capsys):
   off = memory.compiled_memory(w).temp_size_in_bytes
   on = memory.compiled_memory(w.replace(remat=True)).temp_size_in_bytes
   assert 0 < on < off
-  _error_line(capsys, memory.main, ['--sizes', '256,12'])
+  _error_line(capsys, memory.main, ['--sizes', '256,13'])
   _error_line(capsys, memory.main, ['--policies', 'no_such_policy'])
 
 
@@ -178,7 +187,7 @@ def test_accelerator_table_arithmetic():
 
 
 def test_input_pipeline_errors(capsys, tmp_path):
-  _error_line(capsys, input_pipeline.main, ['--size', '100'])
+  _error_line(capsys, input_pipeline.main, ['--size', '101'])
   _error_line(capsys, input_pipeline.main, ['--workers', '-1'])
   _error_line(capsys, input_pipeline.main, ['--data-dir', str(tmp_path), '--batches', '1'])  # nothing built there
   bad = tmp_path / 'bad.json'

@@ -442,7 +442,7 @@ def test_unlisted_module_class_is_refused(tmp_path):
 
 # ---- flax_to_torch checks -------------------------------------------------------------------------
 
-def test_export_refuses_a_config_that_disagrees(net, tmp_path):
+def test_flax_to_torch_refuses_a_config_that_disagrees(net, tmp_path):
   torch.save(net.state_dict(), tmp_path / 'w.pt')
   model_dir, _ = torch_to_flax.convert_checkpoint(make_config(), str(tmp_path / 'w.pt'), str(tmp_path / 'm'),
                                                   log=QUIET)
@@ -498,7 +498,7 @@ def test_cli_round_trip_and_errors(net, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['back.pth', 'evil.pt', 'flax', 'trousers.pt']
 
 
-def test_jax_arrays_export_too(net):
+def test_jax_arrays_convert_to_torch_too(net):
   variables = jax.tree_util.tree_map(jnp.asarray, torch_reference.torch_state_dict_to_flax(net.state_dict()))
   state = flax_to_torch.variables_to_state_dict(variables)
   assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())

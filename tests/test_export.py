@@ -140,38 +140,6 @@ def test_onnx_pool_unpool_keeps_the_first_maximum_of_ties_as_kpjax_does():
   assert (want[0, 0, 0::2, 0::2] == 1).all() and (want[0, 0, 1::2] == 0).all()
 
 
-def readme_onnx_example() -> str:
-  """The README's onnxruntime example (the python block after 'With onnxruntime, without kpjax')."""
-  with open(os.path.join(ROOT, 'README.md')) as f:
-    text = f.read()
-  start = text.index('```python\n', text.index('With onnxruntime, without kpjax')) + len('```python\n')
-  return text[start:text.index('```', start)]
-
-
-@pytest.mark.parametrize('mode, targets', [('kpjax', None), ('kpdem', 'exact'), ('kpdem', 'truncated')])
-def test_readme_onnx_example_gives_kpjax_inputs_and_pixels(model, tmp_path, capsys, monkeypatch, mode, targets):
-  """The README's preprocessing without kpjax equals the mode's `prepare`, its pixels `coords_to_original`."""
-  pytest.importorskip('onnx')
-  pytest.importorskip('onnxruntime')
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  meta = dict(META, preprocessing=mode, **({'kpdem_targets': targets} if targets else {}))
-  ckpt = checkpoint.save_model(str(tmp_path / 'model'), model[1], meta)
-  preprocessing = checkpoint.check_metadata(meta).convention
-  assert run_cli(['--checkpoint', ckpt, '--format', 'onnx', '--out', tmp_path / 'demo.onnx'], capsys)[0] == 0
-  photo = np.random.default_rng(3).integers(0, 256, (75, 101, 3), dtype=np.uint8)  # > 2x the input: box filter
-  Image.fromarray(photo).save(tmp_path / 'photo.jpg', quality=95)
-  image = np.asarray(Image.open(tmp_path / 'photo.jpg').convert('RGB'))
-  monkeypatch.chdir(tmp_path)
-  scope = {}
-  exec(readme_onnx_example(), scope)  # pylint: disable=exec-used
-  want_x, affine = preprocessing.prepare(image, SIZE)
-  np.testing.assert_allclose(scope['x'], want_x, rtol=0, atol=1e-6)
-  want_xy = preprocessing.coords_to_original(scope['coords'][0], affine, SIZE)
-  np.testing.assert_allclose(scope['xy'], want_xy, rtol=0, atol=1e-6 * image.shape[1])
-  assert capsys.readouterr().out.count('\n') == N
-
-
 STABLEHLO_RUNNER = textwrap.dedent('''\
     """Runs an exported KPDEM with jax alone: no kpjax, no flax."""
     import sys

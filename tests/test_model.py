@@ -105,7 +105,7 @@ def _assert_grads_close(actual: dict, expected: dict, num_stages: int, rtol: flo
 
 
 def test_public_api_without_torch():
-  """The public API's names (README), importable without torch (kpjax itself never imports it)."""
+  """The public API's names (other code relies on them), importable without torch (kpjax itself never imports it)."""
   code = ('import sys, inspect\n'
           'from kpjax.model import CoordRegressionNetwork, KeyPointsModel, pool_unpool, init_variables\n'
           'from kpjax import dsnt\nfrom kpjax.model import losses\n'

@@ -26,7 +26,7 @@ def _parser() -> common.ArgumentParser:
   files.add_argument('--predictions', metavar='P.csv', help='a submission (kpjax.predict writes one)')
   model = parser.add_argument_group('score a model on a dataset split')
   parser.add_config_flag(required=False)
-  model.add_argument('--checkpoint', help='an exported model directory or a training workdir')
+  model.add_argument('--checkpoint', help='a model directory (e.g. a converted one) or a training workdir')
   model.add_argument('--split', default=None, help="dataset split (default: the config's data.eval_split)")
   model.add_argument('--batch-size', type=int, default=None, help="default: the config's eval_batch_size")
   model.add_argument('--flip', action='store_true', help='flip test-time augmentation')

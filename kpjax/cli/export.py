@@ -19,7 +19,7 @@ def parse_args(argv: Sequence[str] | None):
   """The parsed flags (`args.config` loaded or None), or exit status 2 with one `error:` line."""
   parser = common.ArgumentParser(prog='python -m kpjax.export', description=exporter.__doc__.split('\n\n')[0])
   parser.add_argument('--checkpoint', required=True,
-                      help='an exported or converted model directory, a training workdir or one of its steps')
+                      help='a model directory (e.g. a converted one), a training workdir or one of its steps')
   parser.add_argument('--format', required=True, help='onnx or stablehlo')
   parser.add_argument('--out', required=True, help='the file to write (stablehlo: also FILE.json)')
   parser.add_argument('--input-size', type=int, help="the square input side S (default: the model's input_size)")

@@ -23,7 +23,8 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_config_flag(required=False, help_text='the config the model was trained/converted with '
                          '(configs/X.py; optional: the checkpoint describes its model); --config.FIELD=VALUE '
                          'overrides its fields')
-  parser.add_argument('--checkpoint', required=True, help='an exported model directory or a training workdir')
+  parser.add_argument('--checkpoint', required=True,
+                      help='a model directory (e.g. a converted one) or a training workdir')
   parser.add_argument('--images', nargs='+', required=True, metavar='PATH',
                       help='image files, folders (searched recursively) or glob patterns')
   parser.add_argument('--out', required=True, help='the submission CSV to write')

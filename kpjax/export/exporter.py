@@ -89,7 +89,7 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
     fmt: 'onnx' or 'stablehlo'.
     out: the file to write ('stablehlo' also writes out + '.json', the metadata).
     config: an ml_collections config to check against the checkpoint's metadata (optional).
-    input_size: S (default: the metadata's input_size); a multiple of 8.
+    input_size: S (default: the metadata's input_size); even (kpjax.model.layers.INPUT_SIDE_RULE).
     batch: a fixed batch size, or None for a dynamic batch.
     step: the step of a training workdir (default: its latest).
     force: replace existing output files.

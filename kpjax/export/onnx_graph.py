@@ -87,7 +87,7 @@ def build_model(variables: Mapping[str, Any], num_stages: int, input_size: int, 
     variables: Flax variables {'params': {'fcn': ..., 'hm_conv': ...}} (width and n_locations follow
       from their shapes; they must match the network, see kpjax.export).
     num_stages: CPM stages (1..6).
-    input_size: S, the square input side (a multiple of 8).
+    input_size: S, the square input side (even: kpjax.model.layers.INPUT_SIDE_RULE).
     batch: a fixed batch size, or None for a dynamic one ('batch').
     metadata: string key/values stored in the model's metadata_props.
 
