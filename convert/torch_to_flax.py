@@ -3,14 +3,16 @@
     python -m convert.torch_to_flax --config configs/trousers.py \
         --torch-checkpoint trousers_landmarks.pt --out converted/trousers [--verify] [--force]
 
-reads the checkpoint safely (convert.torch_loading: the released whole-module pickles, state_dicts,
-wrapping dicts, `module.`/`_orig_mod.` prefixes; nothing in the file runs), infers n_locations, width
-and num_stages from its shapes, checks them against the config, converts every tensor exactly once
-(conv weights OIHW -> HWIO, convert.layout) and writes a kpjax model directory
+reads the checkpoint safely and without torch (convert.torch_loading over kpjax.io.torch_file: the
+released whole-module pickles, state_dicts, wrapping dicts, `module.`/`_orig_mod.` prefixes; nothing in
+the file runs), infers n_locations, width and num_stages from its shapes, checks them against the
+config, converts every tensor exactly once (conv weights OIHW -> HWIO, convert.layout) and writes a kpjax
+model directory
 (kpjax.inference.checkpoints.save_model: atomic) whose metadata records the source file, its SHA-256 and the
 input conventions: preprocessing 'kpdem' at 64x64 by default, the original's (kpjax.data.kpdem), and for
 'kpdem' the targets the model was trained on (`kpdem_targets`: 'truncated' by default, as the
-released models were; 'exact' for a model retrained on unrounded targets).
+released models were; 'exact' for a model retrained on unrounded targets). torch is imported only
+for --verify.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import sys
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import torch
 
 from . import layout
 from . import torch_loading
@@ -33,6 +34,7 @@ from kpjax.data.spec import ModelSpec
 from kpjax.errors import ConfigError, ConversionError, LayoutError
 from kpjax.inference import checkpoints
 from kpjax.io import atomic
+from kpjax.io import torch_file
 from kpjax.train import config_check
 
 DEFAULT_INPUT_SIZE = 64  # the published training script's square input
@@ -41,14 +43,16 @@ VERIFY_TOLERANCE = 1e-3  # largest |coordinate difference| (normalised units) --
 
 
 def _to_numpy(key: str, value: Any) -> np.ndarray:
-  """A tensor (torch or numpy) -> float32 numpy (float16/bfloat16/float64 are cast), refusing non-floats."""
-  if isinstance(value, torch.Tensor):
+  """A tensor (numpy, or torch where the caller has torch) -> float32 numpy (float16/bfloat16/float64 are
+  cast), refusing non-floats."""
+  torch = sys.modules.get('torch')  # a torch tensor exists only where torch is imported: never import it here
+  if torch is not None and isinstance(value, torch.Tensor):
     value = value.detach().cpu()
     if not value.dtype.is_floating_point:
       raise ConversionError(f'{key} is a {value.dtype} tensor; KPDEM parameters are floating point')
     return value.to(torch.float32).numpy()
   array = np.asarray(value)
-  if not np.issubdtype(array.dtype, np.floating):
+  if array.dtype not in torch_file.FLOAT_DTYPES:
     raise ConversionError(f'{key} has dtype {array.dtype}; KPDEM parameters are floating point')
   return array.astype(np.float32, copy=False)
 
@@ -148,15 +152,19 @@ def compare_with_torch(state_dict: Mapping[str, Any], variables: Mapping[str, An
   |difference| of the heatmaps}.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
 
-  from . import torch_model  # pylint: disable=g-import-not-at-top
+    from . import torch_model  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConversionError(f'--verify runs the original torch network, which needs torch and dsntnn ({e}): '
+                          'pip install "kpjax[torch]", or convert without --verify') from None
   from kpjax.model import network  # pylint: disable=g-import-not-at-top
 
   image = conventions.get(preprocessing).example_input(np.random.default_rng(seed), (1, input_size, input_size, 3))
   net = torch_model.CoordRegression(arch.n_locations, width=arch.width, num_stages=arch.num_stages)
   clean, _ = torch_loading.strip_prefixes(state_dict)
-  net.load_state_dict({k: v.float() if hasattr(v, 'float') else torch.from_numpy(np.asarray(v, np.float32))
-                       for k, v in clean.items()}, strict=True)
+  net.load_state_dict({k: torch.from_numpy(_to_numpy(k, v).copy()) for k, v in clean.items()}, strict=True)
   net.eval()
   with torch.no_grad():
     t_coords, t_heatmaps = net(torch.from_numpy(image).permute(0, 3, 1, 2).contiguous())
@@ -174,7 +182,7 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
 
   The model written is the config's (validated here, kpjax.train.config_check) at `input_size` with
   `preprocessing`. Nothing is written unless every step succeeds. Returns (absolute output path,
-  metadata). Raises TorchCheckpointError, ConversionError, ConfigError or CheckpointError.
+  metadata). Raises TorchFileError, ConversionError, ConfigError or CheckpointError.
   """
   config = config.copy_and_resolve_references()
   with config.unlocked():

@@ -2,9 +2,10 @@
 
 Checkpoints are made here with convert/torch_model.py (random weights): the released files cannot be
 downloaded. Whole-module pickles come from a subprocess in which a throwaway `keypoints_Net` module (and
-a script's `__main__`) defines the classes; this process cannot import them, as a user's cannot.
-Expected parameters come from tests/torch_reference.py, a reading of the layout written separately
-from convert/layout.py.
+a script's `__main__`, and an installed kpjax's `kpjax.convert.torch_model`) defines the classes; this
+process cannot import them, as a user's cannot. The subprocess also records torch's own reading of each
+file (torch.load with the classes at hand). Expected parameters come from tests/torch_reference.py, a
+reading of the layout written separately from convert/layout.py.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from kpjax.configs import base as base_config
 from convert import flax_to_torch
 from convert import layout
 from convert import torch_loading
+from convert import torch_model
 from convert import torch_to_flax
+from kpjax.errors import UnsafeTorchFileError
 from kpjax.inference import checkpoints as checkpoint
+from kpjax.io import torch_file
 from kpjax.model import network as kpmodel
 import torch_reference
 from kpjax.cli import predict as predict_cli
@@ -85,11 +89,22 @@ KEYPOINTS_NET = textwrap.dedent('''\
     ''')
 
 SAVE_SCRIPT = textwrap.dedent('''\
+    import importlib.util
     import sys
     import torch
     import torch.nn.backends.thnn
+    import convert
     import keypoints_Net
+    import kpjax
     from convert import torch_model
+
+    if importlib.util.find_spec('kpjax.convert') is None:  # a checkout: make convert/ what an installed kpjax has,
+      spec = importlib.util.spec_from_file_location(  # the package kpjax.convert (pyproject's package-dir)
+          'kpjax.convert', convert.__file__, submodule_search_locations=list(convert.__path__))
+      kpjax.convert = sys.modules['kpjax.convert'] = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(kpjax.convert)
+    from kpjax.convert import torch_model as installed_model
+    assert installed_model.CoordRegression.__module__ == 'kpjax.convert.torch_model'
 
     KeyPointsModel = type('KeyPointsModel', (torch_model.KeyPointsModel,), {})  # the __main__ twins
 
@@ -105,22 +120,39 @@ SAVE_SCRIPT = textwrap.dedent('''\
         return (torch.nn.backends.thnn._get_thnn_function_backend, ())
 
 
+    def old_parameter(self, proto):  # torch 0.4.0 pickled a parameter as Parameter(tensor, requires_grad)
+      return torch.nn.Parameter, (self.data, self.requires_grad)
+
+
+    def save(obj, path, **kwargs):  # and torch's own reading of it, with the classes at hand
+      torch.save(obj, path, **kwargs)
+      torch.save(torch.load(path, weights_only=False).state_dict(), path[:-3] + '_torch.pt')
+
+
     reference, n, width, stages, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     weights = torch.load(reference, weights_only=True)
-    for name, cls in (('keypoints_Net', keypoints_Net.CoordRegression), ('main', CoordRegression)):
+    for name, cls in (('keypoints_Net', keypoints_Net.CoordRegression), ('main', CoordRegression),
+                      ('installed', installed_model.CoordRegression)):
       model = cls(n, width=width, num_stages=stages)
       model.load_state_dict(weights, strict=True)
       wrapped = torch.nn.DataParallel(model)
-      torch.save(wrapped, f'{out}/{name}_zip.pt')
+      # as saved on a GPU (on a CPU-only machine DataParallel leaves these out)
+      wrapped.device_ids, wrapped.output_device, wrapped.src_device_obj = [0], 0, torch.device('cuda', 0)
+      save(wrapped, f'{out}/{name}_zip.pt')
       for module in wrapped.modules():
         module.__dict__['_backend'] = Backend()
-      torch.save(wrapped, f'{out}/{name}_legacy.pt', _use_new_zipfile_serialization=False)
+      torch.nn.Parameter.__reduce_ex__, new_parameter = old_parameter, torch.nn.Parameter.__reduce_ex__
+      save(wrapped, f'{out}/{name}_legacy.pt', _use_new_zipfile_serialization=False)
+      torch.nn.Parameter.__reduce_ex__ = new_parameter
     ''')
+# file stem -> the module its classes were saved from
+OWNERS = {'keypoints_Net': 'keypoints_Net', 'main': '__main__', 'installed': 'kpjax.convert.torch_model'}
 
 
 @pytest.fixture(scope='module')
 def released(net, tmp_path_factory):
-  """{'keypoints_Net_zip', 'keypoints_Net_legacy', 'main_zip', 'main_legacy'} -> whole-module pickle path."""
+  """{'<stem>_<zip|legacy>': whole-module pickle path} for every stem of OWNERS; '<stem>_<format>_torch' is
+  torch's own reading of that file (torch.load with the classes importable), saved as a state_dict."""
   root = tmp_path_factory.mktemp('released')
   classes = root / 'classes'
   classes.mkdir()
@@ -130,8 +162,8 @@ def released(net, tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=REPO)
   subprocess.run([sys.executable, str(classes / 'save_released.py'), str(root / 'reference.pt'), str(N), str(WIDTH),
                   str(STAGES), str(root)], check=True, env=env, cwd=str(classes), capture_output=True)
-  return {name: str(root / f'{name}.pt') for name in ('keypoints_Net_zip', 'keypoints_Net_legacy', 'main_zip',
-                                                       'main_legacy')}
+  return {f'{stem}_{fmt}{suffix}': str(root / f'{stem}_{fmt}{suffix}.pt')
+          for stem in OWNERS for fmt in ('zip', 'legacy') for suffix in ('', '_torch')}
 
 
 def test_released_classes_are_not_importable_here():
@@ -139,22 +171,75 @@ def test_released_classes_are_not_importable_here():
   assert not hasattr(sys.modules['__main__'], 'CoordRegression')
 
 
-@pytest.mark.parametrize('name', ['keypoints_Net_zip', 'keypoints_Net_legacy', 'main_zip', 'main_legacy'])
-def test_whole_module_pickles(released, expected, name):
-  ckpt = torch_loading.load_torch_checkpoint(released[name])
-  owner = 'keypoints_Net' if name.startswith('keypoints_Net') else '__main__'
-  assert ckpt.container == f'whole module DataParallel({owner}.CoordRegression)'
-  assert ckpt.file_format == name.rsplit('_', 1)[1]
-  assert ckpt.prefixes == ('module.',)
-  assert all(isinstance(v, torch.Tensor) for v in ckpt.state_dict.values())
+def _check_whole_module(released, expected, stem, fmt):
+  """The file reads as torch itself reads it (bit for bit) and converts exactly."""
+  ckpt = torch_loading.load_torch_checkpoint(released[f'{stem}_{fmt}'])
+  assert ckpt.container == f'whole module DataParallel({OWNERS[stem]}.CoordRegression)'
+  assert (ckpt.file_format, ckpt.prefixes) == (fmt, ('module.',))
+  by_torch = torch.load(released[f'{stem}_{fmt}_torch'], weights_only=True)
+  assert list(ckpt.state_dict) == [k[len('module.'):] for k in by_torch]
+  for key, value in by_torch.items():
+    got = ckpt.state_dict[key[len('module.'):]]
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == tuple(value.shape), key
+    np.testing.assert_array_equal(got.view(np.int32), value.numpy().view(np.int32), err_msg=key)
   assert_same_variables(torch_to_flax.convert_state_dict(ckpt.state_dict), expected)
 
 
-def test_legacy_module_pickle_is_beyond_torch_weights_only(released):
-  """Why torch_loading has its own restricted reader: torch's weights_only refuses these files."""
-  with torch.serialization.safe_globals([(c, n) for n, c in torch_loading.STAND_INS.items()]):
+@pytest.mark.parametrize('fmt', ['zip', 'legacy'])
+@pytest.mark.parametrize('stem', ['keypoints_Net', 'main'])
+def test_whole_module_pickles(released, expected, stem, fmt):
+  _check_whole_module(released, expected, stem, fmt)
+
+
+@pytest.mark.parametrize('fmt', ['zip', 'legacy'])
+def test_whole_module_pickle_from_an_installed_kpjax(released, expected, fmt):
+  """Defect 7c: installed, convert/ is the package kpjax.convert, so a pickle of this repository's network
+  names kpjax.convert.torch_model.CoordRegression; it must read as the checkout's convert.torch_model does."""
+  _check_whole_module(released, expected, 'installed', fmt)
+
+
+def test_converting_needs_no_torch(released, tmp_path):
+  """The converter reads a released-style whole-module pickle (legacy and zip) where `import torch` fails,
+  and the model it writes holds torch's own reading of the file."""
+  code = textwrap.dedent('''\
+      import sys
+      sys.modules['torch'] = None  # any `import torch` now fails
+      from convert import torch_to_flax
+      for source, out in zip(sys.argv[1::2], sys.argv[2::2]):
+        status = torch_to_flax.main(['--config', 'configs/trousers.py', '--torch-checkpoint', source, '--out', out,
+                                     '--config.model.width=0.125', '--config.model.num_stages=2'])
+        assert status == 0, status
+      verify = torch_to_flax.main(['--config', 'configs/trousers.py', '--torch-checkpoint', sys.argv[1], '--out',
+                                   sys.argv[2] + '_verified', '--verify', '--config.model.width=0.125',
+                                   '--config.model.num_stages=2'])
+      assert verify == 2, verify  # --verify runs the torch network: one error line, nothing written
+      assert sys.modules['torch'] is None
+      ''')
+  args = [a for fmt in ('legacy', 'zip') for a in (released[f'keypoints_Net_{fmt}'], str(tmp_path / fmt))]
+  run = subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'PYTHONPATH': REPO})
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stderr.strip().splitlines()[-1].startswith('error: --verify runs the original torch network')
+  assert sorted(os.listdir(tmp_path)) == ['legacy', 'zip']
+  for fmt in ('legacy', 'zip'):
+    by_torch = torch.load(released[f'keypoints_Net_{fmt}_torch'], weights_only=True)
+    want = torch_reference.torch_state_dict_to_flax({k[len('module.'):]: v for k, v in by_torch.items()})
+    variables, metadata = checkpoint.load_model(str(tmp_path / fmt))
+    assert_same_variables(variables, want)
+    assert metadata['source_format'] == f'whole module DataParallel(keypoints_Net.CoordRegression) ({fmt})'
+
+
+def test_torch_load_is_not_how_kpjax_reads():
+  """Why kpjax reads torch files itself rather than with torch.load: torch's safe mode (weights_only=True)
+  cannot read legacy whole-module pickles, the released format, even with their classes allowed (it
+  refuses their ('module', class, ...) persistent ids), and builds the real classes where it can; its
+  unsafe mode runs whatever the file holds; and both need torch, which kpjax's reading does not."""
+  model = torch.nn.DataParallel(torch_model.CoordRegression(N, width=WIDTH, num_stages=1))
+  buffer = io.BytesIO()
+  torch.save(model, buffer, _use_new_zipfile_serialization=False)
+  with torch.serialization.safe_globals([torch.nn.DataParallel]):
     with pytest.raises(pickle.UnpicklingError, match='persistent_load of storage'):
-      torch.load(released['keypoints_Net_legacy'], weights_only=True)
+      torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
 
 
 # ---- state_dicts, wrapped or prefixed -------------------------------------------------------------
@@ -206,7 +291,7 @@ def test_gpu_saved_legacy_files_load_on_cpu(net, expected, tmp_path):
     assert b'torch.cuda\nFloatStorage' in data and b'cuda:0' in data
     (tmp_path / 'gpu.pt').write_bytes(data)
     ckpt = torch_loading.load_torch_checkpoint(str(tmp_path / 'gpu.pt'))
-    assert {v.device.type for v in ckpt.state_dict.values()} == {'cpu'}
+    assert all(isinstance(v, np.ndarray) for v in ckpt.state_dict.values())
     assert_same_variables(torch_to_flax.convert_state_dict(ckpt.state_dict), expected)
 
 
@@ -219,6 +304,16 @@ def test_convert_state_dict_infers_the_architecture(net, expected):
   # numpy arrays work as well as tensors, and float64 is cast to float32
   sd64 = {k: v.double().numpy() for k, v in net.state_dict().items()}
   assert_same_variables(torch_to_flax.convert_state_dict(sd64), expected)
+
+
+def test_half_precision_checkpoints_are_cast_as_torch_casts(net, tmp_path):
+  """float16 / bfloat16 files read as numpy (bfloat16 an ml_dtypes type) and widen to float32 exactly."""
+  for dtype in (torch.float16, torch.bfloat16):
+    state = {k: v.to(dtype) for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / 'half.pt')
+    ckpt = torch_loading.load_torch_checkpoint(str(tmp_path / 'half.pt'))
+    assert_same_variables(torch_to_flax.convert_state_dict(ckpt.state_dict),
+                          torch_reference.torch_state_dict_to_flax({k: v.float() for k, v in state.items()}))
 
 
 def test_width_is_pinned_by_the_widest_layer():
@@ -376,7 +471,7 @@ def test_strictness_lists_missing_unexpected_and_misshapen(net, tmp_path):
   state = dict(net.state_dict())
   state['hm_conv.weight'] = state['hm_conv.weight'].to(torch.int32)
   torch.save(state, tmp_path / 'ints.pt')
-  _convert_fails(tmp_path, tmp_path / 'ints.pt', 'hm_conv.weight is a torch.int32 tensor')
+  _convert_fails(tmp_path, tmp_path / 'ints.pt', 'hm_conv.weight has dtype int32; KPDEM parameters are floating')
   with pytest.raises(torch_to_flax.ConversionError, match='no hm_conv.weight'):
     torch_to_flax.convert_state_dict({'conv.weight': torch.zeros(1, 1, 1, 1)})
 
@@ -408,7 +503,7 @@ class ExecPayload(Payload):
     return (exec, (f'open({self.marker!r}, "w").close()',))
 
 
-def test_malicious_pickles_are_refused_and_do_not_run(net, tmp_path):
+def test_malicious_pickles_are_refused_and_do_not_run(net, tmp_path, monkeypatch):
   marker = tmp_path / 'PWNED'
   cases = {
       'system_zip.pt': ({'state_dict': net.state_dict(), 'extra': Payload(marker)}, {}, 'posix.system'),
@@ -416,28 +511,77 @@ def test_malicious_pickles_are_refused_and_do_not_run(net, tmp_path):
                            {'_use_new_zipfile_serialization': False}, 'posix.system'),
       'exec_zip.pt': (ExecPayload(marker), {}, 'builtins.exec'),
       'exec_legacy.pt': (ExecPayload(marker), {'_use_new_zipfile_serialization': False}, 'builtins.exec'),
+      'module_zip.pt': ({'model': torch.nn.DataParallel(net), 'extra': Payload(marker)}, {}, 'posix.system'),
   }
   for name, (obj, kwargs, global_name) in cases.items():
     torch.save(obj, tmp_path / name, **kwargs)
-    message = _convert_fails(tmp_path, tmp_path / name, 'refusing to load')
+    message = _convert_fails(tmp_path, tmp_path / name, 'refusing to read')
     assert global_name in message and 'Nothing from the file was run' in message, message
-    # behind the up-front scan, each loader refuses on its own as well
-    with pytest.raises(torch_loading.UnsafeCheckpointError, match=global_name.split('.')[-1]):
-      if 'legacy' in name:
-        torch_loading._load_legacy_modules(str(tmp_path / name))
-      else:
-        torch_loading._torch_load(str(tmp_path / name))
-  with pytest.raises(torch_loading.UnsafeCheckpointError, match='posix.system'):
-    torch_loading._RestrictedUnpickler(io.BytesIO(pickle.dumps(Payload(marker), protocol=4)), 'x', {}).load()
+  # behind the up-front scan, the unpickler refuses on its own as well
+  with monkeypatch.context() as patch:
+    patch.setattr(torch_file, '_scan', lambda *args: None)
+    for name, (_, _, global_name) in cases.items():
+      with pytest.raises(UnsafeTorchFileError, match=global_name):
+        torch_loading.load_torch_checkpoint(str(tmp_path / name))
   assert not marker.exists()
 
 
-def test_unlisted_module_class_is_refused(tmp_path):
+def _torch_nn_classes() -> dict[str, type]:
+  """Every torch.nn.Module subclass torch.nn exports, under the full name a pickle gives it."""
+  return {f'{c.__module__}.{c.__qualname__}': c for c in vars(torch.nn).values()
+          if isinstance(c, type) and issubclass(c, torch.nn.Module)}
+
+
+def test_any_other_torch_nn_class_is_refused_naming_it(net, tmp_path):
+  """The allowlist opens nothing beyond KPDEM's layers: any other torch.nn class is refused, named."""
+  others = {name: cls for name, cls in _torch_nn_classes().items() if name not in torch_loading.MODULE_CLASSES}
+  assert len(others) > 100 and 'torch.nn.modules.batchnorm.BatchNorm2d' in others
+  torch.save({'model': torch.nn.DataParallel(net), 'layers': list(others.values())}, tmp_path / 'others.pt')
+  with pytest.raises(UnsafeTorchFileError) as info:
+    torch_loading.load_torch_checkpoint(str(tmp_path / 'others.pt'))
+  assert info.value.names == sorted(others)
   model = torch_reference.torch_model.CoordRegression(N, width=WIDTH, num_stages=1)
-  model.fcn.norm = torch.nn.BatchNorm2d(3)  # a layer no KPDEM model has
-  torch.save(torch.nn.DataParallel(model), tmp_path / 'norm.pt')
-  message = _convert_fails(tmp_path, tmp_path / 'norm.pt', 'refusing')
-  assert 'needs torch.nn.modules.batchnorm.BatchNorm2d, which is not allowed' in message
+  model.fcn.norm = torch.nn.BatchNorm2d(3)  # a layer no KPDEM model has, in a model as the converter sees it
+  for kwargs in ({}, {'_use_new_zipfile_serialization': False}):
+    torch.save(torch.nn.DataParallel(model), tmp_path / 'norm.pt', **kwargs)
+    message = _convert_fails(tmp_path, tmp_path / 'norm.pt', 'refusing to read')
+    assert 'needs torch.nn.modules.batchnorm.BatchNorm2d, which is not allowed' in message
+
+
+def _globals_of(path: str) -> list[str]:
+  """The globals a torch.save file's main pickle names (this test's own files: the header pickles are plain)."""
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as archive:
+      return torch_file.pickle_globals(archive.read(next(n for n in archive.namelist() if n.endswith('data.pkl'))))
+  with open(path, 'rb') as f:
+    for _ in range(3):  # magic number, protocol, system info
+      pickle.load(f)
+    return torch_file.pickle_globals(f)
+
+
+def test_allowlist_is_what_torch_itself_needs(released, net, tmp_path):
+  """No surface beyond torch's own: every global the KPDEM reading allows is in torch's weights_only
+  allowlist (what torch.load(weights_only=True) resolves; a reference for this test only), or a class a
+  KPDEM network is made of, or torch 0.4/1.0's `_backend` call; and each name a whole module adds to a
+  state dict's allowlist is used by some real whole-module file."""
+  from torch import _weights_only_unpickler  # pylint: disable=g-import-not-at-top
+  torch_safe = set(_weights_only_unpickler._get_allowed_globals())
+  model = torch.nn.DataParallel(torch_model.CoordRegression(N, width=WIDTH, num_stages=2))
+  classes = {f'{type(m).__module__}.{type(m).__qualname__}' for m in model.modules()}
+  network = {name.rsplit('.', 1)[1] for name in classes if name.startswith('convert.')}
+  assert network == {'CoordRegression', 'KeyPointsModel'}
+  owners = ('keypoints_Net', '__main__', 'convert.torch_model', 'kpjax.convert.torch_model')
+  assert set(torch_loading.MODULE_CLASSES) == ({n for n in classes if n.startswith('torch.nn.')}
+                                                | {f'{owner}.{cls}' for owner in owners for cls in network})
+  allowed = torch_file.allowed_globals(torch_loading.KPDEM_MODULES)
+  assert allowed - torch_safe - set(torch_loading.MODULE_CLASSES) == {torch_file.LEGACY_BACKEND}
+  assert torch_file.allowed_globals() <= torch_safe  # a state dict's reading (config.init_backbone)
+  torch.save(torch.nn.DataParallel(net), tmp_path / 'repo.pt')
+  used = set(_globals_of(str(tmp_path / 'repo.pt')))
+  for key, path in released.items():
+    if not key.endswith('_torch'):
+      used.update(_globals_of(path))
+  assert allowed - torch_file.allowed_globals() <= used
 
 
 # ---- flax_to_torch checks -------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""kpjax.io.torch_file: torch.save'd state dicts read without torch, bit-exact against torch itself, in both
-file formats, and every other kind of file refused with a message naming what was found."""
+"""kpjax.io.torch_file: torch.save'd state dicts (and whole modules where their classes are allowed) read
+without torch, bit-exact against torch itself, in both file formats, and every other kind of file refused
+with a message naming what was found."""
 
 import collections
 import io
@@ -157,6 +158,39 @@ def test_pickled_code_and_whole_models_are_refused_before_anything_runs(tmp_path
       torch_file._Unpickler(io.BytesIO(b'\x80\x02c' + name + b"\n}X\x05\x00\x00\x00dtypeK\x01sb."), 'x').load()
 
 
+def _full_name(cls: type) -> str:
+  return f'{cls.__module__}.{cls.__qualname__}'
+
+
+def test_whole_modules_read_where_their_classes_are_allowed(tmp_path):
+  """With a ModuleClasses table, modules become stand-ins whose module_state_dict is torch's state_dict():
+  parameters, persistent buffers (non-persistent ones and None entries left out), submodules in order."""
+  torch.manual_seed(0)
+  model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4),
+                              torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1)))
+  model[1].register_buffer('scratch', torch.ones(2), persistent=False)
+  model[2].register_buffer('unset', None)
+  model(torch.randn(2, 3, 4, 4))  # BatchNorm's running statistics move
+  classes = torch_file.ModuleClasses(frozenset(_full_name(type(m)) for m in model.modules()), 'these layers')
+  for fmt, kwargs in FORMATS.items():
+    torch.save({'model': model, 'epoch': 3}, tmp_path / f'{fmt}.pt', **kwargs)
+    obj, found = torch_file.read_object(str(tmp_path / f'{fmt}.pt'), classes)
+    assert found == fmt and obj['epoch'] == 3 and isinstance(obj['model'], torch_file.PickledModule)
+    assert obj['model'].pickled_name == 'torch.nn.modules.container.Sequential'
+    _check_equal(torch_file.module_state_dict(obj['model']), model.state_dict())
+    assert 'scratch' in obj['model'].state['_modules']['1'].state['_buffers']  # pickled, but not state
+    again, _ = torch_file.read_object(str(tmp_path / f'{fmt}.pt'), classes)
+    assert type(again['model']) is not type(obj['model'])  # stand-in classes are made for each file
+    with pytest.raises(torch_file.UnsafeTorchFileError, match=r'BatchNorm2d.*Conv2d.*Nothing from the file was run'):
+      torch_file.read_object(str(tmp_path / f'{fmt}.pt'))  # no table: modules are refused
+  # a stand-in takes one attribute dict, from its own BUILD, and nothing else
+  rebuilt = b'\x80\x02ctorch.nn.modules.conv\nConv2d\n)\x81}b}b.'
+  with pytest.raises(torch_file.TorchFileError, match='unexpected state dict for a pickled torch.nn.modules.conv'):
+    torch_file._Unpickler(io.BytesIO(rebuilt), 'x', classes).load()
+  with pytest.raises(torch_file.TorchFileError, match='unexpected state list'):
+    torch_file._Unpickler(io.BytesIO(b'\x80\x02ctorch.nn.modules.conv\nConv2d\n)\x81]b.'), 'x', classes).load()
+
+
 def test_bad_files_are_refused_clearly(tmp_path):
   state = {'w': torch.randn(256, 64)}
   torch.save(state, tmp_path / 'zip.pt')
@@ -175,7 +209,7 @@ def test_bad_files_are_refused_clearly(tmp_path):
       'empty.pt': (b'', 'is empty'),
       'notes.pt': (b'these are not weights\n', 'not a PyTorch checkpoint'),
       'plain_pickle.pkl': (pickle.dumps({'w': [1, 2]}, protocol=2), 'not a PyTorch checkpoint'),
-      'other.zip': (other_zip.getvalue(), 'not a torch.save file'),
+      'other.zip': (other_zip.getvalue(), 'zip archive but not a PyTorch checkpoint'),
       'scripted.pt': (scripted.getvalue(), 'TorchScript'),
   }
   for name, (content, match) in cases.items():
