@@ -44,13 +44,7 @@ def test_kpjax_prepare_letterboxes_and_normalises():
                              atol=1e-5)
 
 
-SPILL = pytest.mark.xfail(strict=True, reason=(
-    'kpjax.data.geometry.warp_image: PIL reduce() keeps a partial last box when the reduction factor does not '
-    'divide the side, but the reduced-to-full affine assumes whole boxes, so the image spills into the next '
-    'input row/column of padding'))
-
-
-@pytest.mark.parametrize('height, width', [(48, 96), pytest.param(50, 100, marks=SPILL)])
+@pytest.mark.parametrize('height, width', [(48, 96), (50, 100)])
 def test_kpjax_padding_starts_at_the_images_edge(height, width):
   # Both images letterbox to rows 3.5 .. 11.5 of the input (a factor-6 reduction first, which divides 48 x 96
   # but not 50 x 100): row 12 is padding.

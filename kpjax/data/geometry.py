@@ -65,14 +65,17 @@ def warp_image(image: np.ndarray, affine, size: int, fill=FILL_RGB) -> np.ndarra
   """uint8 (H, W, 3) -> uint8 (size, size, 3) with pixel p of the input at affine(p) in the output.
 
   Bilinear; when the transform shrinks by 2x or more the image is first box-filtered by the integer
-  factor, so that downscaling does not alias.
+  factor, so that downscaling does not alias. Only whole factor x factor boxes are averaged: where the
+  factor does not divide a side, the last few (< factor) source rows or columns are left out rather than
+  averaged into a narrower box, whose centre would not lie on the reduced grid the affine assumes (the
+  image would spill about a reduced pixel into the padding).
   """
   affine = np.asarray(affine, np.float64)
   img = Image.fromarray(np.ascontiguousarray(image))
   scale = np.sqrt(abs(np.linalg.det(affine[:, :2])))
-  factor = int(1.0 / scale) if scale > 0 else 1
+  factor = min(int(1.0 / scale) if scale > 0 else 1, img.width, img.height)
   if factor >= 2:
-    img = img.reduce(factor)
+    img = img.reduce(factor, box=(0, 0, img.width - img.width % factor, img.height - img.height % factor))
     # Reduced pixel centres: x_r = (x + 0.5) / factor - 0.5, so x = factor * x_r + (factor - 1) / 2.
     to_full = np.array([[factor, 0.0, (factor - 1) / 2], [0.0, factor, (factor - 1) / 2]])
     affine = compose_affines(affine, to_full)
