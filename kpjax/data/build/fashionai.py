@@ -30,7 +30,7 @@ from kpjax.data import images
 from kpjax.data import keypoints as kp
 from kpjax.errors import BuildError, ImageError
 
-NAME = 'fashionai_keypoints'
+NAME = kp.TFDS_NAME  # 'fashionai_keypoints'
 _classproperty = tfds.core.utils.classproperty
 VERSION = '1.0.0'
 
