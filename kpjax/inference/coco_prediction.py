@@ -121,11 +121,10 @@ def _result(target: Target, kset: keypoint_sets.KeypointSet, pixels: np.ndarray,
   if model_category == keypoint_sets.ALL:
     idx = kset.keypoint_indices(target.category)
     pixels, confidence = pixels[idx], confidence[idx]
-  values = []
-  for (x, y), c in zip(pixels, confidence):
-    values += [round(float(x), 2), round(float(y), 2), round(float(c), 6)]
-  score = float(np.mean(confidence)) * (1.0 if target.box_score is None else target.box_score)
-  return {'image_id': target.image_id, 'category_id': cat.coco_id, 'keypoints': values, 'score': round(score, 6)}
+  values = [float(v) for xy, c in zip(pixels, confidence) for v in (xy[0], xy[1], c)]
+  score = float(np.mean(np.asarray(confidence, np.float64)))
+  score *= 1.0 if target.box_score is None else target.box_score
+  return {'image_id': target.image_id, 'category_id': cat.coco_id, 'keypoints': values, 'score': score}
 
 
 def predict_coco(checkpoint_path: str, image_paths: Sequence[str], out: str, *, boxes: str | None = None,

@@ -156,15 +156,17 @@ def normalized_error(pred, gt, visibility, categories,
   Returns:
     {'ne', 'count' (scored keypoints), 'images' (images normalised), 'skipped' (images that could not
     be normalised), 'pck@<t>'} and the same per category present in the input as '<key>/<category>'
-    (e.g. 'ne/skirt', 'count/skirt'). NE/PCK are NaN where nothing was scored. Counts are ints.
+    (e.g. 'ne/skirt', 'count/skirt'). NE/PCK are NaN where nothing was scored. Counts are ints. Images
+    of a category without a normalising pair are neither scored nor counted.
   """
   cats = category_indices(categories, keypoint_set)
   errors, scored = keypoint_errors(pred, gt, visibility, cats, keypoint_set)
   _, ok = normalization_distances(gt, visibility, cats, keypoint_set)
   out: dict[str, float] = _summary(errors, scored, pck_thresholds)
+  paired = _tables(keypoint_set)[2][cats]  # NE covers the categories that have a pair (FashionAI's: all)
   out['images'] = int(ok.sum())
-  out['skipped'] = int((~ok).sum())
-  for ci in np.unique(cats):
+  out['skipped'] = int((~ok & paired).sum())
+  for ci in np.unique(cats[paired]):
     name = keypoint_set.category_names[ci]
     sel = cats == ci
     for key, value in _summary(errors[sel], scored[sel], pck_thresholds).items():

@@ -254,7 +254,8 @@ def build(annotations: str, images_dir: str, name: str, data_dir: str, *, valida
   if not validation and validation_fraction > 0:
     items = splits['train']
     held = [fashionai.validation_hash(it.image.file_name) < validation_fraction for it in items]
-    splits = {'train': [it for it, h in zip(items, held) if not h], 'validation': [it for it, h in zip(items, held) if h]}
+    splits = {'train': [it for it, h in zip(items, held) if not h],
+              'validation': [it for it, h in zip(items, held) if h]}
   if not splits['train']:
     raise BuildError(f'{train_file.path}: no object to train on (every one is a crowd, has no labelled keypoint, '
                      'or was skipped)')
