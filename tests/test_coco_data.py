@@ -222,3 +222,30 @@ def test_crop_window_and_visibility_mapping():
   xy, v = coco.training_keypoints(kps, coco.crop_affine(3, 3), (26, 14))
   np.testing.assert_array_equal(v, [1, 0, -1, -1])  # visible, occluded, unlabelled, outside the crop
   np.testing.assert_array_equal(xy, [[1, 2], [6, 6], [-1, -1], [-1, -1]])
+
+
+def test_a_keypoint_set_written_by_hand(raw, tmp_path, capsys):
+  train, _, image_dir = _files(raw)
+  figure = shapes.CATEGORIES[0]['keypoints']
+  defined = {'name': 'mine', 'keypoints': figure + ['tip', 'left_barb', 'right_barb'],
+             'flip_pairs': [['left_barb', 'right_barb']],  # figures not flipped: say their hands are not twins
+             'categories': [{'name': 'figure', 'keypoints': figure, 'sigmas': [0.1] * 7,
+                             'normalization': ['head', 'hip']},
+                            {'name': 'arrow', 'keypoints': ['tip', 'left_barb', 'right_barb'],
+                             'skeleton': [['tip', 'left_barb']]}]}
+  path = tmp_path / 'set.json'
+  path.write_text(json.dumps(defined))
+  args = ['--format', 'coco', '--annotations', train, '--images', image_dir, '--name', 'shapes',
+          '--data-dir', str(tmp_path / 'tfds'), '--keypoint-set', str(path)]
+  assert build_cli.main(args) == 0
+  kset = sources.open_tfds_source(str(tmp_path / 'tfds'), 'shapes', 'train').keypoint_set
+  assert kset.name == 'shapes' and kset.flip_pairs == (('left_barb', 'right_barb'),) and kset.scored_by_oks
+  assert kset.category('figure').sigmas == (0.1,) * 7 and kset.category('figure').normalization == ('head', 'hip')
+  assert kset.category('figure').skeleton[0] == ('head', 'neck')  # the file's, where the set gives none
+  assert kset.category('arrow').skeleton == (('tip', 'left_barb'),) and kset.category('arrow').coco_id == 3
+  defined['categories'][1]['keypoints'] = ['tip', 'right_barb', 'left_barb']
+  path.write_text(json.dumps(defined))
+  assert build_cli.main(args[:-4] + ['--data-dir', str(tmp_path / 'tfds2'), '--keypoint-set', str(path)]) == 2
+  err = capsys.readouterr().err
+  assert "category 'arrow' has the keypoints ['tip', 'right_barb', 'left_barb'] in the keypoint set" in err
+  assert not (tmp_path / 'tfds2').exists() or not os.listdir(tmp_path / 'tfds2')

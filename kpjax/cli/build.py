@@ -3,6 +3,7 @@
   python -m kpjax.data.build --manual-dir DIR --data-dir D
   python -m kpjax.data.build --format coco --annotations TRAIN.json [--validation VAL.json] --images DIR
       --name NAME --data-dir D [--sigmas S | FILE.json] [--flip-pairs A:B,C:D] [--normalize A:B]
+      [--keypoint-set SET.json]
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def _pairs(text: str | None, flag: str) -> list[tuple[str, str]] | None:
   return pairs
 
 
+def _keypoint_set(path: str | None):
+  """The set a --keypoint-set JSON file defines (keypoint_sets.KeypointSet.to_json's form), or None."""
+  if path is None:
+    return None
+  from kpjax.data import coco  # pylint: disable=g-import-not-at-top
+  return keypoint_sets.KeypointSet.from_json(coco.load_json(path, 'a keypoint set (docs/keypoint-sets.md)', BuildError),
+                                             where=path)
+
+
 def _report(summary) -> None:
   for message in summary.skipped:
     print(f'skipped: {message}', file=sys.stderr)
@@ -55,8 +65,8 @@ def _build(args) -> int:
         args.annotations, args.images, args.name, args.data_dir, validation=args.validation,
         validation_fraction=args.validation_fraction, skip_bad=args.skip_bad,
         sigmas=keypoint_sets.parse_sigmas(args.sigmas), flip_pairs=_pairs(args.flip_pairs, '--flip-pairs'),
-        normalization=pairs[0] if pairs else None, overwrite=args.overwrite, num_threads=args.num_threads,
-        progress=progress)
+        normalization=pairs[0] if pairs else None, keypoint_set=_keypoint_set(args.keypoint_set),
+        overwrite=args.overwrite, num_threads=args.num_threads, progress=progress)
     _report(summary)
     return 0
   try:
@@ -90,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the keypoints a horizontal flip swaps (default: names with left/right, e.g. "
                          "left_eye:right_eye; 'none' for none)")
   coco.add_argument('--normalize', metavar='A:B', help='a keypoint pair whose distance normalises NE (optional)')
+  coco.add_argument('--keypoint-set', metavar='SET.json',
+                    help='the whole keypoint set, written by hand (docs/keypoint-sets.md): flip pairs, sigmas, '
+                         'skeletons and normalising pairs per category, instead of the three flags above')
   parser.add_argument('--data-dir', required=True, help='TFDS data directory to write the dataset into')
   parser.add_argument('--skip-bad', action='store_true',
                       help='skip (and list) bad rows, annotations and images instead of stopping at the first')
@@ -111,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error('the following arguments are required: --manual-dir (or --format coco with --annotations)')
     given = [f for f, v in (('--annotations', args.annotations), ('--validation', args.validation),
                             ('--images', args.images), ('--name', args.name), ('--sigmas', args.sigmas),
-                            ('--flip-pairs', args.flip_pairs), ('--normalize', args.normalize)) if v]
+                            ('--flip-pairs', args.flip_pairs), ('--normalize', args.normalize),
+                            ('--keypoint-set', args.keypoint_set)) if v]
     if given:
       parser.error(f'{", ".join(given)} need --format coco')
   return common.run(_build, args)

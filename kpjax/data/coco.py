@@ -261,6 +261,26 @@ def keypoint_set(categories: Sequence[CocoCategory], name: str, *,
                                    object_scale='area')
 
 
+def fit_keypoint_set(kset: keypoint_sets.KeypointSet, categories: Sequence[CocoCategory], name: str
+                     ) -> keypoint_sets.KeypointSet:
+  """A set defined by hand (keypoint_sets.KeypointSet.from_json of a --keypoint-set file) made the one of a COCO
+  file: it must have the file's categories by name, each with the file's keypoints in the file's order; the
+  result is called `name`, scored with OKS by area, and its categories carry the file's ids.
+  KeypointSetError saying what differs otherwise."""
+  mine = {c.name: c for c in kset.categories}
+  theirs = {c.name: c for c in categories}
+  if set(mine) != set(theirs):
+    raise keypoint_sets.KeypointSetError(f'the keypoint set has the categories {sorted(mine)}; the file '
+                                         f'{sorted(theirs)}')
+  for n, c in theirs.items():
+    if mine[n].keypoints != c.keypoints:
+      raise keypoint_sets.KeypointSetError(f'category {n!r} has the keypoints {list(mine[n].keypoints)} in the '
+                                           f'keypoint set but {list(c.keypoints)} in the file (the same, in order)')
+  cats = tuple(dataclasses.replace(mine[c.name], coco_id=c.id, skeleton=mine[c.name].skeleton or c.skeleton)
+               for c in sorted(categories, key=lambda c: c.id))
+  return dataclasses.replace(kset, name=name, categories=cats, object_scale='area')
+
+
 def set_keypoints(annotation: Annotation, kset: keypoint_sets.KeypointSet) -> np.ndarray:
   """(K_set, 3) float64: the annotation's x, y, v at its keypoints' places in the set, zeros elsewhere."""
   cat = kset.coco_category(annotation.category_id)

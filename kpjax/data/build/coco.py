@@ -2,11 +2,13 @@
 
     python -m kpjax.data.build --format coco --annotations TRAIN.json [--validation VAL.json] --images DIR
         --name NAME --data-dir D [--skip-bad] [--sigmas S | FILE.json] [--flip-pairs A:B,...] [--normalize A:B]
+        [--keypoint-set SET.json]
 
 Read without TensorFlow, as `fashionai_keypoints` is: `tfds.builder_from_directory(D/NAME/1.0.0)` and grain
 (kpjax.data.sources). The keypoint set (kpjax.data.coco.keypoint_set: names and skeletons from the file's
-`categories`, flip pairs from `left`/`right` names or --flip-pairs, sigmas from --sigmas or the defaults)
-is the dataset's metadata `keypoint_set`; training, evaluation and prediction take it from there.
+`categories`, flip pairs from `left`/`right` names or --flip-pairs, sigmas from --sigmas or the defaults;
+or a whole set written by hand, --keypoint-set) is the dataset's metadata `keypoint_set`; training,
+evaluation and prediction take it from there.
 
 Each object that is neither `iscrowd` nor without labelled keypoints (both are counted and left out) is
 one record, in FashionAI's record layout (kpjax.data.sources) over the set's K keypoints:
@@ -34,7 +36,6 @@ image, with nothing written; --skip-bad lists and skips them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import io
 import os
@@ -46,11 +47,10 @@ import tensorflow_datasets as tfds
 from PIL import Image as PILImage
 
 from kpjax.data import coco
-from kpjax.data import images
 from kpjax.data import keypoint_sets
 from kpjax.data import keypoints as kp
 from kpjax.data.build import fashionai
-from kpjax.errors import BuildError, ImageError, KeypointSetError
+from kpjax.errors import BuildError, KeypointSetError
 
 VERSION = '1.0.0'
 _NAME = re.compile(r'[a-z][a-z0-9_]*')
@@ -103,15 +103,7 @@ def read_items(f: coco.CocoFile, images_dir: str, split: str, bad: list[str] | N
 
 def _crop_record(item: Item, kset: keypoint_sets.KeypointSet) -> dict:
   """The record of one object; BuildError naming it for an unreadable image or a box outside it."""
-  try:
-    with open(item.path, 'rb') as fh:
-      data = fh.read()
-  except OSError as e:
-    raise BuildError(f'{item.where}: cannot read image file {item.path} ({e.strerror})') from None
-  try:
-    pixels = images.decode_image(data, item.path)
-  except ImageError as e:
-    raise BuildError(f'{item.where}: {e}') from None
+  _, pixels = fashionai.read_image(item.path, item.where)
   h, w = pixels.shape[:2]
   if (item.image.width, item.image.height) not in ((None, None), (w, h)):
     raise BuildError(f'{item.where}: the file says the image is {item.image.width}x{item.image.height}, but '
@@ -195,20 +187,8 @@ class CocoKeypoints(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(items) for split, items in self._items.items() if items}
 
   def _generate_examples(self, items: list[Item]) -> Iterator[tuple[str, dict]]:
-    def load(item):
-      try:
-        return item, _crop_record(item, self.keypoint_set), None
-      except BuildError as e:
-        return item, None, str(e)
-
-    with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
-      for item, record, error in pool.map(load, items):  # in order; decoding runs ahead in threads
-        if error is not None:
-          if not self.skip_bad:
-            raise BuildError(error)
-          self.bad.append(error)
-          continue
-        yield item.key, record
+    yield from fashionai.checked_records(items, lambda item: _crop_record(item, self.keypoint_set), self.num_threads,
+                                         self.bad if self.skip_bad else None)
 
 
 def _same_categories(train: coco.CocoFile, other: coco.CocoFile) -> None:
@@ -220,11 +200,14 @@ def _same_categories(train: coco.CocoFile, other: coco.CocoFile) -> None:
 def build(annotations: str, images_dir: str, name: str, data_dir: str, *, validation: str | None = None,
           validation_fraction: float = 0.1, skip_bad: bool = False, sigmas=None,
           flip_pairs: Sequence[tuple[str, str]] | None = None, normalization: tuple[str, str] | None = None,
-          overwrite: bool = False, num_threads: int = 8, progress: bool = False):
+          keypoint_set: keypoint_sets.KeypointSet | None = None, overwrite: bool = False, num_threads: int = 8,
+          progress: bool = False):
   """Builds <data_dir>/<name>/1.0.0 from COCO keypoint annotations (module docstring); a BuildSummary.
 
   sigmas: keypoint_sets.parse_sigmas' value; flip_pairs: (left, right) names (None: from the names);
-  normalization: a keypoint pair that normalises NE where a category has both. Raises BuildError naming
+  normalization: a keypoint pair that normalises NE where a category has both; keypoint_set: the whole set
+  defined by hand instead (coco.fit_keypoint_set: the file's categories and keypoints, any flips, sigmas,
+  skeletons and pairs; not with the three before). Raises BuildError naming
   the first bad annotation (file, annotation id, image) unless skip_bad, with nothing written.
   """
   from kpjax.data import build as build_lib  # pylint: disable=g-import-not-at-top
@@ -246,8 +229,14 @@ def build(annotations: str, images_dir: str, name: str, data_dir: str, *, valida
     files['validation'] = coco.read_annotations(os.path.abspath(validation), BuildError, bad)
     _same_categories(train_file, files['validation'])
   try:
-    kset = coco.keypoint_set(list(train_file.categories.values()), name, sigmas=sigmas, flip_pairs=flip_pairs,
-                             normalization=normalization)
+    if keypoint_set is not None:
+      if sigmas is not None or flip_pairs is not None or normalization is not None:
+        raise KeypointSetError('a keypoint set given whole defines its sigmas, flip pairs and normalisation; '
+                               'drop --sigmas, --flip-pairs and --normalize')
+      kset = coco.fit_keypoint_set(keypoint_set, list(train_file.categories.values()), name)
+    else:
+      kset = coco.keypoint_set(list(train_file.categories.values()), name, sigmas=sigmas, flip_pairs=flip_pairs,
+                               normalization=normalization)
   except KeypointSetError as e:
     raise BuildError(f'{train_file.path}: {e}') from None
   splits = {split: read_items(f, images_dir, split, bad, left_out) for split, f in files.items()}

@@ -29,6 +29,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kpjax.data.synthetic import garments
 from kpjax.io import atomic
 
 CATEGORIES = (
@@ -205,9 +206,7 @@ def generate_coco(out_dir: str, num_images: int, seed: int, num_validation: int 
   num_validation = max(1, num_images // 4) if num_validation is None else int(num_validation)
   if num_validation < 0:
     raise ValueError(f'num_validation must be >= 0; got {num_validation}')
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise ValueError(f'{out_dir} already exists and is not empty; choose another --out or remove it')
+  out_dir = garments.new_output_dir(out_dir)
   with atomic.staged_dir(out_dir, replace=os.path.isdir(out_dir)) as tmp:
     images_dir = os.path.join(tmp, 'images')
     os.makedirs(images_dir)
