@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 
+
 from kpjax.cli import evaluate as evaluate_cli
 from kpjax.cli import export as export_cli
 from kpjax.cli import predict as predict_cli
@@ -19,7 +20,7 @@ from kpjax.data import build
 from kpjax.data.synthetic import shapes
 from kpjax.inference import checkpoints
 from kpjax.train import loop
-import test_coco_metric as metric
+from coco_reference import reference  # pycocotools, the reference (a test dependency)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLIM = {'input_size': 16, 'model.width': 0.0625, 'model.num_stages': 1}
@@ -80,7 +81,7 @@ def test_predicts_one_result_per_box_and_scores_them_as_pycocotools(trained, tmp
   assert evaluate_cli.main(['--coco-annotations', gt_path, '--predictions', out, '--sigmas', str(WIDE),
                             '--json', str(tmp_path / 'ap.json')]) == 0
   mine = json.load(open(tmp_path / 'ap.json'))
-  want = metric.reference(gt_path, out, {'figure': [WIDE] * 7, 'arrow': [WIDE] * 3})
+  want = reference(gt_path, out, {'figure': [WIDE] * 7, 'arrow': [WIDE] * 3})
   for key, value in want.items():
     assert mine[key] == pytest.approx(value, abs=1e-6), key
   assert mine['ap50'] > 0
@@ -99,7 +100,7 @@ def test_scores_the_built_split_as_the_file_without_its_ignore_regions(trained, 
   (tmp_path / 'gt.json').write_text(json.dumps(gt))
   assert predict_cli.main(['--checkpoint', workdir, '--images', os.path.join(raw, 'images'),
                            '--boxes', str(tmp_path / 'gt.json'), '--out', str(tmp_path / 'pred.json')]) == 0
-  want = metric.reference(str(tmp_path / 'gt.json'), str(tmp_path / 'pred.json'),
+  want = reference(str(tmp_path / 'gt.json'), str(tmp_path / 'pred.json'),
                           {'figure': [WIDE] * 7, 'arrow': [WIDE] * 3})  # the set's
   for key, value in want.items():
     assert split[key] == pytest.approx(value, abs=1e-5), key
@@ -119,7 +120,8 @@ def test_predicts_whole_images_and_exports_the_set(trained, tmp_path, capsys):
   capsys.readouterr()
   assert predict_cli.main(['--checkpoint', workdir, '--images', image, '--out', out]) == 2
   assert 'say the images\' category with --category' in capsys.readouterr().err
-  assert export_cli.main(['--checkpoint', workdir, '--format', 'stablehlo', '--out', str(tmp_path / 'm.stablehlo')]) == 0
+  assert export_cli.main(['--checkpoint', workdir, '--format', 'stablehlo',
+                          '--out', str(tmp_path / 'm.stablehlo')]) == 0
   info = json.load(open(tmp_path / 'm.stablehlo.json'))
   assert info['n_locations'] == 10 and info['keypoints'][:3] == ['head', 'neck', 'left_hand']
   assert ['left_hand', 'right_hand'] in info['flip_pairs'] and ['left_barb', 'right_barb'] in info['flip_pairs']

@@ -43,7 +43,7 @@ def test_fashionai_is_a_set_with_the_tables_behaviour():
     assert s.normalization_indices(c) == (kp.KEYPOINT_NAMES.index(a), kp.KEYPOINT_NAMES.index(b))
     assert s.skeleton(c) == kp.SKELETON[c]
   assert (kp.num_keypoints('blouse'), kp.num_keypoints('outwear'), kp.num_keypoints('all')) == (13, 14, 24)
-  # The generic rule (whole `left`/`right` words) finds the same 11 pairs (22 sided keypoints; center_front, crotch stay).
+  # The generic rule (whole `left`/`right` words) finds the same 11 pairs (center_front and crotch stay).
   assert ks.flip_pairs_from_names(kp.KEYPOINT_NAMES) == s.flip_pairs and len(s.flip_pairs) == 11
   with pytest.raises(ValueError, match="unknown garment category 'hat'"):
     kp.check_category('hat')
@@ -124,7 +124,7 @@ def test_names_sigmas_and_their_flags(tmp_path):
   assert ks.mirror_name('left_eye') == 'right_eye' and ks.mirror_name('cuff_right_in') == 'cuff_left_in'
   assert ks.mirror_name('leftover') == 'leftover'
   assert ks.flip_pairs_from_names(['nose', 'right_eye', 'left_eye', 'left_only']) == (('left_eye', 'right_eye'),)
-  cocoeval = pytest.importorskip('pycocotools.cocoeval')
+  from pycocotools import cocoeval  # pylint: disable=g-import-not-at-top  (the reference, a test dependency)
   np.testing.assert_array_equal(ks.default_sigmas(ks.COCO_PERSON_KEYPOINTS),
                                 cocoeval.Params(iouType='keypoints').kpt_oks_sigmas)
   assert ks.default_sigmas(('a', 'b')) == (ks.DEFAULT_SIGMA,) * 2
