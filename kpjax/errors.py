@@ -85,6 +85,10 @@ class ImageError(UserError):
   """An image that cannot be decoded (corrupt, truncated, not an image); the message names it."""
 
 
+class KeypointSetError(UserError):
+  """A keypoint set (kpjax.data.keypoint_sets) that is inconsistent, or a category or sigma it does not have."""
+
+
 class CsvFormatError(UserError):
   """A malformed FashionAI CSV file or row; the message says where and what was expected."""
 

@@ -1,11 +1,14 @@
-"""`python -m kpjax.predict`: keypoints for any images, as a FashionAI submission CSV (and drawings).
+"""`python -m kpjax.predict`: keypoints for any images: a FashionAI submission CSV or COCO results (and drawings).
 
   python -m kpjax.predict --config configs/trousers.py --checkpoint DIR --images test/Images/trousers \\
       --out preds.csv [--draw DIR] [--flip] [--batch-size 16] [--decimals N]
   python -m kpjax.predict --config configs/all.py --checkpoint DIR --images test/Images \\
       --categories test/test.csv --out preds.csv
+  python -m kpjax.predict --checkpoint W --images DIR --out PRED.json [--boxes BOXES.json]   (COCO-format models)
 
-The library is kpjax.inference.prediction. An unreadable image is reported and skipped; the exit status
+A model trained on FashionAI writes the CSV; one trained on COCO-format data writes COCO keypoint results,
+one per box of --boxes (or per image without it; kpjax.inference.coco_prediction). The library is
+kpjax.inference.prediction. An unreadable image is reported and skipped; the exit status
 is then 1 (0 when all went well, 2 on a usage error, with no output written; kpjax.cli.common).
 """
 
@@ -27,7 +30,10 @@ def parse_args(argv: Sequence[str] | None):
                       help='a model directory (e.g. a converted one) or a training workdir')
   parser.add_argument('--images', nargs='+', required=True, metavar='PATH',
                       help='image files, folders (searched recursively) or glob patterns')
-  parser.add_argument('--out', required=True, help='the submission CSV to write')
+  parser.add_argument('--out', required=True, help='the submission CSV (COCO-format models: the results JSON) to write')
+  parser.add_argument('--boxes', metavar='BOXES.json',
+                      help='COCO annotations or detections ({"images", "annotations": [{image_id, category_id, bbox'
+                           '[, score]}]}): one prediction per box, of the images it lists under --images DIR')
   parser.add_argument('--draw', metavar='DIR', help='also write one PNG per image with its keypoints drawn')
   parser.add_argument('--flip', action='store_true',
                       help='average with the horizontally flipped image (left/right swapped back)')
@@ -47,6 +53,8 @@ def parse_args(argv: Sequence[str] | None):
     parser.error('--decimals must be 0 or more')
   if args.category and args.categories:
     parser.error('pass --category or --categories, not both')
+  if args.boxes and (args.category or args.categories):
+    parser.error('--boxes gives each object its category; drop --category/--categories')
   return args
 
 
@@ -54,9 +62,15 @@ def run(args) -> int:
   if args.config is not None:
     from kpjax.train import config_check  # pylint: disable=g-import-not-at-top
     config_check.check_config(args.config, training=False)
-  summary = prediction.predict_files(args.checkpoint, args.images, args.out, config=args.config, flip=args.flip,
-                                     batch_size=args.batch_size, decimals=args.decimals, category=args.category,
-                                     categories_csv=args.categories, draw=args.draw, step=args.step)
+  if args.boxes:
+    from kpjax.inference import coco_prediction  # pylint: disable=g-import-not-at-top
+    summary = coco_prediction.predict_coco(args.checkpoint, args.images, args.out, boxes=args.boxes,
+                                           config=args.config, flip=args.flip, batch_size=args.batch_size,
+                                           draw=args.draw, step=args.step)
+  else:
+    summary = prediction.predict_files(args.checkpoint, args.images, args.out, config=args.config, flip=args.flip,
+                                       batch_size=args.batch_size, decimals=args.decimals, category=args.category,
+                                       categories_csv=args.categories, draw=args.draw, step=args.step)
   return common.RUN_FAILED if summary.problems else common.OK
 
 

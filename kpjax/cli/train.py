@@ -18,8 +18,8 @@ def _train(args) -> int:
   except KeyboardInterrupt:  # a second Ctrl-C: gave up without saving
     return common.report('interrupted before a checkpoint could be saved; the last saved checkpoint is kept',
                       common.INTERRUPTED)
-  ne = result['eval/ne']
-  summary = f'step {result["step"]}' + (f', eval/ne {ne:.4f}' if ne is not None else '')
+  figures = [f', {k} {v:.4f}' for k, v in result.items() if k.startswith('eval/') and v is not None]
+  summary = f'step {result["step"]}' + ''.join(figures)  # eval/ne (COCO data: also eval/ap)
   if result['stopped_by'] is not None:  # the conventional status of a process ended by a signal
     print(f'stopped: {summary}', flush=True)
     return 128 + int(result['stopped_by'])

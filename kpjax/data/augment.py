@@ -4,8 +4,8 @@ Every geometric change (zoom, rotation, translation, horizontal flip) is a (2, 3
 model-input pixel coordinates (pixel centres at integers, see kpjax.data.geometry) composed with
 the letterbox into ONE affine original pixel -> input pixel. The image is resampled once through
 it (geometry.warp_image) and the keypoints go through the same matrix (geometry.apply_affine),
-so they move exactly with the pixels. A flip also swaps left/right keypoints
-(kpjax.data.keypoints.flip_permutation), so `cuff_left_in` still names the garment's left cuff.
+so they move exactly with the pixels. A flip also swaps left/right keypoints (the keypoint set's flip
+pairs, kpjax.data.keypoint_sets), so `cuff_left_in` still names the garment's left cuff.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from kpjax.data import geometry
+from kpjax.data import keypoint_sets
 from kpjax.data import keypoints as kp
 
 
@@ -67,9 +68,10 @@ def sample_affine(rng: np.random.Generator, size: int, cfg: AugmentConfig) -> tu
   return augmentation_affine(size, scale, angle, shift, flip), flip
 
 
-def flip_keypoints(points: np.ndarray, visibility: np.ndarray, category: str) -> tuple[np.ndarray, np.ndarray]:
+def flip_keypoints(points: np.ndarray, visibility: np.ndarray, category: str,
+                   keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI) -> tuple[np.ndarray, np.ndarray]:
   """Swaps left/right twins of `category`'s keypoints (L, 2), (L,) after a mirror (positions unchanged)."""
-  perm = kp.flip_permutation(category)
+  perm = keypoint_set.flip_permutation(category)
   return points[perm], visibility[perm]
 
 
@@ -113,15 +115,16 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float,
 
 
 def augment_example(image: np.ndarray, points: np.ndarray, visibility: np.ndarray, category: str,
-                    size: int, cfg: AugmentConfig, rng: np.random.Generator
+                    size: int, cfg: AugmentConfig, rng: np.random.Generator, *,
+                    keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """One training example through a random letterbox + augmentation affine and colour jitter.
 
   Args:
     image: uint8 (H, W, 3) RGB.
-    points: (L, 2) original pixels (x, y) of `category`'s keypoints (all 24 for 'all').
+    points: (L, 2) original pixels (x, y) of `category`'s keypoints (all the set's for 'all').
     visibility: (L,) int in {1, 0, -1}.
-    category: the model's category (decides the flip permutation).
+    category: the model's category (decides the flip permutation, with `keypoint_set`).
     size: side of the square input.
     cfg: augmentation ranges.
     rng: this example's generator.
@@ -139,5 +142,5 @@ def augment_example(image: np.ndarray, points: np.ndarray, visibility: np.ndarra
   moved = geometry.apply_affine(points, affine)
   visibility = np.asarray(visibility)
   if flipped:
-    moved, visibility = flip_keypoints(moved, visibility, category)
+    moved, visibility = flip_keypoints(moved, visibility, category, keypoint_set)
   return pixels, moved, visibility, affine

@@ -32,7 +32,6 @@ from kpjax.data import augment as augment_lib
 from kpjax.data import conventions
 from kpjax.data import geometry
 from kpjax.data import images
-from kpjax.data import keypoints as kp
 from kpjax.data import sources
 from kpjax.data.spec import ModelSpec
 from kpjax.errors import ImageError
@@ -88,18 +87,26 @@ class TrainTransform(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     image = _record_image(element)
     size, mode = self.spec.input_size, self.spec.convention
-    idx = kp.keypoint_indices(self.spec.category)
+    idx = self.spec.keypoint_indices()
     points = np.asarray(element['keypoints'], np.float64)[idx]
     visibility = np.asarray(element['visibility'], np.int32)[idx]
     if self.augment is not None:
       pixels, points, visibility, _ = augment_lib.augment_example(
-          image, points, visibility, self.spec.category, size, self.augment, rng)
+          image, points, visibility, self.spec.category, size, self.augment, rng,
+          keypoint_set=self.spec.keypoint_set)
       model_image = geometry.normalize_image(pixels)
     else:
       model_image, affine = mode.prepare(image, size)
       points = geometry.apply_affine(points, affine)
     target, mask = _targets(points, visibility, size, mode)
     return {'image': np.asarray(model_image, np.float32), 'target': target, 'mask': mask}
+
+
+# What evaluation items of a set scored with OKS (COCO data) carry besides the common keys: each object's
+# ids, area and crop (see kpjax.data.sources.OBJECT_KEYS) as numbers; (shape, dtype) of one item's.
+def object_fields(num_keypoints: int) -> dict[str, tuple[tuple[int, ...], type]]:
+  return {'annotation_id': ((), np.int64), 'coco_image_id': ((), np.int64), 'area': ((), np.float64),
+          'crop': ((2, 3), np.float64), 'coco_keypoints': ((num_keypoints, 3), np.float64)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +116,7 @@ class EvalTransform(grain.transforms.Map):
 
   def map(self, element):
     image, affine = self.spec.convention.prepare(_record_image(element), self.spec.input_size)
-    return {
+    item = {
         'image': np.asarray(image, np.float32),
         'affine': np.asarray(affine, np.float64),
         'keypoints': np.asarray(element['keypoints'], np.float32),
@@ -118,6 +125,10 @@ class EvalTransform(grain.transforms.Map):
         'image_id': str(element['image_id']),
         'valid': True,
     }
+    if self.spec.keypoint_set.scored_by_oks:
+      for key, (shape, dtype) in object_fields(self.spec.keypoint_set.num_keypoints).items():
+        item[key] = np.asarray(element[key], dtype).reshape(shape)
+    return item
 
 
 def _with_index(item: dict[str, Any], index: int) -> dict[str, Any]:
@@ -147,8 +158,8 @@ def _read_options(data) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=int(threads), prefetch_buffer_size=int(threads))
 
 
-def _selected_indices(source: Sequence, category: str, max_images: int = 0) -> np.ndarray:
-  indices = sources.example_indices(source, category)
+def _selected_indices(source: Sequence, spec: ModelSpec, max_images: int = 0) -> np.ndarray:
+  indices = sources.example_indices(source, spec.category, spec.keypoint_set)
   return indices[:max_images] if max_images else indices
 
 
@@ -183,7 +194,7 @@ def train_iterator(source: Sequence, spec: ModelSpec, data, *, global_batch_size
                      f'number of processes ({process_count})')
   if augment is not None and not spec.convention.supports_augmentation:
     raise ValueError(f'augmentation is not supported with preprocessing={spec.convention.name!r}')
-  indices = _selected_indices(source, spec.category)
+  indices = _selected_indices(source, spec)
   if len(indices) == 0:
     raise ValueError(f'no {spec.category} examples in {source!r}')
   per_process = global_batch_size // process_count
@@ -263,17 +274,22 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _padding_item(size: int) -> dict[str, Any]:
-  return {
+def _padding_item(spec: ModelSpec) -> dict[str, Any]:
+  size, k = spec.input_size, spec.keypoint_set.num_keypoints
+  item = {
       'image': np.zeros((size, size, 3), np.float32),
       'affine': np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
-      'keypoints': np.zeros((kp.NUM_KEYPOINTS, 2), np.float32),
-      'visibility': np.full(kp.NUM_KEYPOINTS, -1, np.int32),
+      'keypoints': np.zeros((k, 2), np.float32),
+      'visibility': np.full(k, -1, np.int32),
       'category': np.int32(0),
       'image_id': '',
       'index': np.int64(-1),
       'valid': False,
   }
+  if spec.keypoint_set.scored_by_oks:
+    item.update({key: np.zeros(shape, dtype) for key, (shape, dtype) in object_fields(k).items()})
+    item['crop'] = item['affine'].copy()
+  return item
 
 
 def _stack(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -297,18 +313,20 @@ def eval_batches(source: Sequence, spec: ModelSpec, data, *, batch_size: int, pr
     max_images: keep only the first N selected images (0 = all).
 
   Yields:
-    {'image' f32 (b, S, S, 3), 'affine' f64 (b, 2, 3) original px -> input px, 'keypoints' f32 (b, 24, 2)
-     original px, 'visibility' int32 (b, 24), 'category' int32 (b,), 'image_id' object (b,) str,
-     'index' int64 (b,) the image's place among the selected images (the split's order, whichever
-     process has it), 'valid' bool (b,)}; padding rows have valid False, index -1, a zero image, an
-     identity affine, visibility -1.
+    {'image' f32 (b, S, S, 3), 'affine' f64 (b, 2, 3) record px -> input px, 'keypoints' f32 (b, K, 2)
+     record px (K: the keypoint set's, 24 for FashionAI), 'visibility' int32 (b, K), 'category' int32 (b,),
+     'image_id' object (b,) str, 'index' int64 (b,) the image's place among the selected images (the
+     split's order, whichever process has it), 'valid' bool (b,)}; padding rows have valid False, index
+     -1, a zero image, an identity affine, visibility -1. A set scored with OKS (COCO data) adds each
+     object's 'annotation_id', 'coco_image_id' int64 (b,), 'area' f64 (b,), 'crop' f64 (b, 2, 3) original
+     px -> record px and 'coco_keypoints' f64 (b, K, 3) (kpjax.data.sources.OBJECT_KEYS); zeros in padding.
   """
   _check_process(process_index, process_count)
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive; got {batch_size}')
   if max_images < 0:
     raise ValueError(f'max_images must be >= 0 (0 = all); got {max_images}')
-  selected = _selected_indices(source, spec.category, max_images)
+  selected = _selected_indices(source, spec, max_images)
   num_batches = math.ceil(math.ceil(len(selected) / process_count) / batch_size)
   return _eval_generator(source, spec, data, selected, process_index, process_count, batch_size, num_batches)
 
@@ -322,5 +340,5 @@ def _eval_generator(source, spec, data, selected, process_index, process_count, 
   places = iter(mine)
   for _ in range(num_batches):
     chunk = [_with_index(item, next(places)) for _, item in zip(range(batch_size), items)]
-    chunk += [_padding_item(spec.input_size)] * (batch_size - len(chunk))
+    chunk += [_padding_item(spec)] * (batch_size - len(chunk))
     yield _stack(chunk)

@@ -5,6 +5,9 @@ A record (one item of the TFDS `fashionai_keypoints` data source, see kpjax.data
 {'image': encoded bytes (uint8 (H, W, 3) pixels are accepted too), 'image_id': str,
  'category': int index into kpjax.data.keypoints.CATEGORIES, 'keypoints': float32 (24, 2) original pixels
  (x, y), 'visibility': int32 (24,) in {1, 0, -1}, 'height': int, 'width': int}.
+Any other keypoint set's records (a COCO build, kpjax.data.build.coco) have the same keys with K keypoints
+and the category an index into the set's categories, plus OBJECT_KEYS. A source knows its set
+(`RecordSource.keypoint_set`, from the dataset's metadata; FashionAI's when it records none).
 """
 
 from __future__ import annotations
@@ -15,11 +18,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kpjax.data import keypoint_sets
 from kpjax.data import keypoints as kp
 from kpjax.errors import DatasetNotFoundError
 from kpjax.io import atomic
 
 RECORD_KEYS = ('image', 'image_id', 'category', 'keypoints', 'visibility', 'height', 'width')
+# What a record of one object of a COCO file adds (kpjax.data.build.coco): its ids and file, its box and area
+# in the original image, the crop's affine (original pixels -> the record's image pixels) and the file's
+# own (K, 3) keypoints (x, y, v in the original image, v COCO's 0/1/2; zeros outside the category).
+OBJECT_KEYS = {'annotation_id': np.int64, 'coco_image_id': np.int64, 'file_name': str, 'bbox': np.float64,
+               'area': np.float64, 'crop': np.float64, 'coco_keypoints': np.float64}
 SYNTHETIC_SUBDIR = 'synthetic'  # a run's own synthetic data, inside its workdir (config.data.synthetic_dir = '')
 _CATEGORY_CHUNK = 256  # records read at a time when indexing categories
 
@@ -38,27 +47,39 @@ def normalize_record(record: dict[str, Any]) -> dict[str, Any]:
     if isinstance(image, np.ndarray):
       image = image.item() if image.dtype == object or image.ndim == 0 else image.tobytes()
     image = bytes(image)
-  return {
+  out = {
       'image': image,
       'image_id': str(image_id),
       'category': int(record['category']),
-      'keypoints': np.asarray(record['keypoints'], np.float32).reshape(kp.NUM_KEYPOINTS, 2),
-      'visibility': np.asarray(record['visibility'], np.int32).reshape(kp.NUM_KEYPOINTS),
+      'keypoints': np.asarray(record['keypoints'], np.float32).reshape(-1, 2),
+      'visibility': np.asarray(record['visibility'], np.int32).reshape(-1),
       'height': int(record['height']),
       'width': int(record['width']),
   }
+  for key, kind in OBJECT_KEYS.items():
+    if key in record:
+      out[key] = _text(record[key]) if kind is str else np.asarray(record[key], kind)
+  return out
+
+
+def _text(value) -> str:
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
 class RecordSource(Sequence):
   """Random access to normalised records over any sequence of raw records (a TFDS data source, a list).
 
   Picklable when the wrapped source is (TFDS array_record sources are), so grain workers can use it.
-  `categories()` is computed once (reading records, never decoding images) and cached.
+  `categories()` is computed once (reading records, never decoding images) and cached. `keypoint_set`:
+  what the records' keypoints are (FashionAI's unless given).
   """
 
-  def __init__(self, source: Sequence, name: str = ''):
+  def __init__(self, source: Sequence, name: str = '', keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI):
     self._source = source
     self.name = name or type(source).__name__
+    self.keypoint_set = keypoint_set
     self._categories: np.ndarray | None = None
 
   def __len__(self) -> int:
@@ -94,14 +115,28 @@ def source_categories(source: Sequence) -> np.ndarray:
   return np.array([int(source[i]['category']) for i in range(len(source))], np.int32)
 
 
-def example_indices(source: Sequence, category: str) -> np.ndarray:
-  """int64 (M,): source positions of the records a `category` model uses ('all': every record)."""
+def source_keypoint_set(source: Sequence) -> keypoint_sets.KeypointSet:
+  """The keypoint set of `source`'s records (a RecordSource's; FashionAI's for a plain list)."""
+  return getattr(source, 'keypoint_set', kp.FASHIONAI)
+
+
+def example_indices(source: Sequence, category: str,
+                    keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI) -> np.ndarray:
+  """int64 (M,): source positions of the records a `category` model of `keypoint_set` uses ('all': every record)."""
   if category == kp.ALL:
     return np.arange(len(source), dtype=np.int64)
-  return np.flatnonzero(source_categories(source) == kp.category_index(category)).astype(np.int64)
+  return np.flatnonzero(source_categories(source) == keypoint_set.category_index(category)).astype(np.int64)
 
 
-def _build_command(data_dir: str) -> str:
+def is_fashionai(data) -> bool:
+  """Whether config.data names FashionAI data (synthetic garments, or the `fashionai_keypoints` build)."""
+  return data.source == 'synthetic' or data.tfds_name == kp.TFDS_NAME
+
+
+def _build_command(data_dir: str, name: str = kp.TFDS_NAME) -> str:
+  if name != kp.TFDS_NAME:
+    return (f'python -m kpjax.data.build --format coco --annotations TRAIN.json --validation VAL.json '
+            f'--images <the images> --name {name} --data-dir {data_dir}')
   return ('python -m kpjax.data.build --manual-dir <where the FashionAI archives were extracted> '
           f'--data-dir {data_dir}')
 
@@ -120,23 +155,42 @@ def find_tfds_dir(data_dir: str, name: str) -> str | None:
   return os.path.dirname(max(candidates, key=version_key))
 
 
-def open_tfds_source(data_dir: str, name: str, split: str) -> RecordSource:
-  """The `split` of the TFDS dataset `name` built under `data_dir`, as a RecordSource (no TensorFlow)."""
+def _tfds_builder(data_dir: str, name: str):
+  """(tfds builder, its directory) of the dataset `name` built under `data_dir`; DatasetNotFoundError if none."""
   builder_dir = find_tfds_dir(data_dir, name)
   if builder_dir is None:
     raise DatasetNotFoundError(
         f'TFDS dataset {name!r} is not built in {data_dir} (no {name}/<version>/dataset_info.json); '
-        f'build it with: {_build_command(data_dir)}')
+        f'build it with: {_build_command(data_dir, name)}')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder_from_directory(builder_dir)
+  return tfds.builder_from_directory(builder_dir), builder_dir
+
+
+def _metadata_keypoint_set(builder, builder_dir: str) -> keypoint_sets.KeypointSet:
+  return keypoint_sets.from_metadata(dict(builder.info.metadata or {}), where=f'{builder_dir}/metadata.json')
+
+
+def open_tfds_source(data_dir: str, name: str, split: str) -> RecordSource:
+  """The `split` of the TFDS dataset `name` built under `data_dir`, as a RecordSource (no TensorFlow)."""
+  builder, builder_dir = _tfds_builder(data_dir, name)
   splits = sorted(builder.info.splits)
   if split not in builder.info.splits:
     raise DatasetNotFoundError(f'TFDS dataset {name!r} in {builder_dir} has no split {split!r}; '
                                f'it has {", ".join(splits) or "none"}')
-  return RecordSource(builder.as_data_source(split=split), name=f'{name}:{split}')
+  return RecordSource(builder.as_data_source(split=split), name=f'{name}:{split}',
+                      keypoint_set=_metadata_keypoint_set(builder, builder_dir))
 
 
-def ensure_synthetic(base_dir: str, num_images: int, seed: int, name: str = 'fashionai_keypoints') -> str:
+def dataset_keypoint_set(data) -> keypoint_sets.KeypointSet:
+  """The keypoint set of the data config.data names, read without touching anything: FashionAI's for
+  FashionAI data (is_fashionai), else the one the built dataset's metadata records."""
+  if is_fashionai(data):
+    return kp.FASHIONAI
+  builder, builder_dir = _tfds_builder(os.path.abspath(os.path.expanduser(data.data_dir)), data.tfds_name)
+  return _metadata_keypoint_set(builder, builder_dir)
+
+
+def ensure_synthetic(base_dir: str, num_images: int, seed: int, name: str = kp.TFDS_NAME) -> str:
   """Generates and builds the synthetic dataset under `base_dir` unless it is there; returns the TFDS data_dir.
 
   Layout: base_dir/raw (the FashionAI-style files: train/Annotations/train.csv, train/Images/...) and

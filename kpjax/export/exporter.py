@@ -5,7 +5,8 @@ The exported function is the network as `CoordRegressionNetwork.apply` runs it, 
 direct convolutions: input `images` float32 (B, S, S, 3) NHWC, already preprocessed as the model's
 metadata says; outputs `coords` (B, L, 2) and `heatmaps` (B, L, S, S). The batch is dynamic unless
 `--batch N`; S is the model's input_size unless `--input-size`. The metadata (category, keypoint
-names in output order, input size, preprocessing and what it means, kpjax version) goes into the ONNX
+names in output order, the flip pairs and skeleton among them, the whole keypoint set, input size,
+preprocessing and what it means, kpjax version) goes into the ONNX
 file's metadata_props, or for StableHLO into a JSON file beside it (FILE.json). A request that cannot
 be carried out raises ExportError (or CheckpointError...) before anything is written.
 """
@@ -17,7 +18,6 @@ import os
 from typing import Any, Callable, Mapping
 
 import kpjax
-from kpjax.data import keypoints as kp
 from kpjax.errors import ExportError
 from kpjax.io import atomic
 
@@ -42,7 +42,8 @@ def artifact_metadata(metadata: Mapping[str, Any], fmt: str, input_size: int, ba
   """What an exported file says about itself (JSON values): the model, its input and its outputs."""
   from kpjax.inference import checkpoints  # pylint: disable=g-import-not-at-top
   spec = checkpoints.check_metadata(dict(metadata))
-  names = list(kp.keypoint_names(spec.category))
+  names = list(spec.keypoint_names)
+  kset = spec.keypoint_set
   b = 'B' if batch is None else str(batch)
   info = {
       'format': fmt,
@@ -50,6 +51,10 @@ def artifact_metadata(metadata: Mapping[str, Any], fmt: str, input_size: int, ba
       'category': metadata['category'],
       'keypoints': names,
       'n_locations': len(names),
+      # Names of the outputs a horizontal flip swaps, and the edges drawn between outputs.
+      'flip_pairs': [list(p) for p in kset.model_flip_pairs(spec.category)],
+      'skeleton': [list(e) for e in kset.skeleton(spec.category)],
+      'keypoint_set': kset.to_json(),  # everything else: categories, sigmas, normalisation (kpjax.data.keypoint_sets)
       'input_size': int(input_size),
       'batch': 'dynamic' if batch is None else int(batch),
       'input': f'images: float32 ({b}, {input_size}, {input_size}, 3) NHWC, RGB, preprocessed as `preprocessing` says',

@@ -31,7 +31,7 @@ from kpjax.io import atomic
 CHECKPOINTS_SUBDIR = 'checkpoints'  # inside a training workdir
 MODEL_ITEMS = ('params', 'metadata')
 TRAINING_ITEMS = ('state', 'metadata', 'data')
-BEST_METRIC = 'eval/ne'  # the training checkpoint kept besides the latest ones: the lowest
+BEST_METRIC = 'eval/ne'  # the training checkpoint kept besides the latest ones: the lowest (COCO data: 'eval/ap')
 
 
 def check_metadata(metadata: dict[str, Any], where: str = 'metadata') -> ModelSpec:
@@ -95,27 +95,29 @@ def save_model(directory: str, variables, metadata: dict[str, Any], force: bool 
 
 # ---- Training checkpoints ----------------------------------------------------------------------
 
-def training_manager(checkpoints_dir: str, keep: int) -> ocp.CheckpointManager:
+def training_manager(checkpoints_dir: str, keep: int, best_metric: str = BEST_METRIC,
+                     lower_is_better: bool = True) -> ocp.CheckpointManager:
   """The CheckpointManager of a run's `checkpoints_dir`: keeps the latest `keep` checkpoints and the one
-  with the lowest BEST_METRIC (checkpoints saved without metrics never count as the best)."""
+  with the best `best_metric` (the lowest BEST_METRIC by default; checkpoints saved without metrics never
+  count as the best)."""
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=False,
       preservation_policy=policies.AnyPreservationPolicy([
           policies.LatestN(n=int(keep)),
-          policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+          policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=lower_is_better, n=1,
                          keep_checkpoints_without_metrics=False),
       ]))
   return ocp.CheckpointManager(_abspath(checkpoints_dir), options=options, item_names=TRAINING_ITEMS)
 
 
 def save_training(manager: ocp.CheckpointManager, step: int, state: dict[str, Any], metadata: dict[str, Any],
-                  data_state: dict[str, Any], best_metric: float | None = None) -> None:
+                  data_state: dict[str, Any], best_metric: float | None = None, metric_name: str = BEST_METRIC) -> None:
   """Saves training checkpoint `step` (once; a step already saved is left as it is).
 
   state: {'step', 'params', 'opt_state'} (arrays); metadata: the model's (ModelSpec.metadata, with the
   run's config), `step` is added; data_state: the input pipeline's position (JSON types);
-  best_metric: this step's BEST_METRIC, when it was evaluated.
+  best_metric: this step's `metric_name` (the manager's best_metric), when it was evaluated.
   """
   if manager.latest_step() == step:
     return
@@ -123,7 +125,7 @@ def save_training(manager: ocp.CheckpointManager, step: int, state: dict[str, An
       state=ocp.args.StandardSave(state),
       metadata=ocp.args.JsonSave(dict(metadata, step=step)),
       data=ocp.args.JsonSave({'iterator': json.dumps(data_state, sort_keys=True)})),
-      metrics=None if best_metric is None else {BEST_METRIC: float(best_metric)})
+      metrics=None if best_metric is None else {metric_name: float(best_metric)})
   manager.wait_until_finished()
 
 

@@ -1,7 +1,8 @@
 """Drawings of keypoints on garments (PIL): predictions, prediction | truth pairs, grids.
 
-Keypoints are coloured by side (left blue, right red, centre yellow), labelled with their
-`kpjax.data.keypoints` names and joined by the garment's skeleton. Occluded ground-truth points (v = 0)
+Keypoints are coloured by side (left blue, right red, centre yellow), labelled with their names and joined
+by their category's skeleton (the keypoint set's: FashionAI's garments unless one is given,
+kpjax.data.keypoint_sets). Occluded ground-truth points (v = 0)
 are drawn hollow, absent ones (v = -1) and NaN coordinates not at all. Small images are enlarged
 before drawing so that names stay legible. Nothing here touches JAX.
 """
@@ -15,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from kpjax.data import keypoint_sets
 from kpjax.data import keypoints as kp
 from kpjax.io import atomic
 
@@ -31,39 +33,20 @@ def _mirror(name: str) -> str:
   return kp.KEYPOINT_NAMES[_MIRROR[kp.KEYPOINT_NAMES.index(name)]]
 
 
-def _symmetric(centre: Sequence[tuple[str, str]], left: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-  """Edges: `centre` as given, `left` as given plus their mirror images."""
-  return tuple(centre) + tuple(left) + tuple((_mirror(a), _mirror(b)) for a, b in left)
+# The garment outlines (FashionAI's set, kpjax.data.keypoints.SKELETON); an 'all' drawing has none.
+SKELETON: dict[str, tuple[tuple[str, str], ...]] = {**kp.SKELETON, kp.ALL: ()}
 
 
-_SLEEVE = (('neckline_left', 'shoulder_left'), ('shoulder_left', 'cuff_left_out'),
-           ('cuff_left_out', 'cuff_left_in'), ('cuff_left_in', 'armpit_left'))
-# The garment outlines, by keypoint names from kpjax.data.keypoints (checked by the tests).
-SKELETON: dict[str, tuple[tuple[str, str], ...]] = {
-    'blouse': _symmetric(
-        (('neckline_left', 'center_front'), ('center_front', 'neckline_right'), ('top_hem_left', 'top_hem_right')),
-        _SLEEVE + (('armpit_left', 'top_hem_left'),)),
-    'outwear': _symmetric(
-        (('neckline_left', 'neckline_right'), ('top_hem_left', 'top_hem_right')),
-        _SLEEVE + (('armpit_left', 'waistline_left'), ('waistline_left', 'top_hem_left'))),
-    'dress': _symmetric(
-        (('neckline_left', 'center_front'), ('center_front', 'neckline_right'), ('hemline_left', 'hemline_right')),
-        _SLEEVE + (('armpit_left', 'waistline_left'), ('waistline_left', 'hemline_left'))),
-    'skirt': _symmetric(
-        (('waistband_left', 'waistband_right'), ('hemline_left', 'hemline_right')),
-        (('waistband_left', 'hemline_left'),)),
-    'trousers': _symmetric(
-        (('waistband_left', 'waistband_right'),),
-        (('waistband_left', 'bottom_left_out'), ('bottom_left_out', 'bottom_left_in'),
-         ('bottom_left_in', 'crotch'))),
-    kp.ALL: (),
-}
+def _skeleton(kset: keypoint_sets.KeypointSet, category: str) -> tuple[tuple[str, str], ...]:
+  return () if category == keypoint_sets.ALL else kset.skeleton(category)
 
 
 def side_color(name: str) -> tuple[int, int, int]:
-  if '_left' in name:
+  """Blue for a left keypoint, red for a right one (a `left`/`right` word in its name), yellow otherwise."""
+  words = name.lower().split('_')
+  if 'left' in words:
     return LEFT_COLOR
-  if '_right' in name:
+  if 'right' in words:
     return RIGHT_COLOR
   return CENTER_COLOR
 
@@ -89,42 +72,47 @@ def to_uint8_image(image) -> np.ndarray:
   return arr[..., :3]
 
 
-def _category_points(coords, category: str, visibility=None) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-  """(names, coords (L, 2), visibility (L,)) of `category`'s keypoints from 24-row or L-row input."""
-  names = kp.keypoint_names(category)
+def _category_points(coords, category: str, visibility=None, keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI
+                     ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+  """(names, coords (L, 2), visibility (L,)) of `category`'s keypoints from K-row (the set's) or L-row input."""
+  names = keypoint_set.keypoint_names(category)
+  k = keypoint_set.num_keypoints
   coords = np.asarray(coords, np.float64)
   if coords.ndim != 2 or coords.shape[1] != 2:
-    raise ValueError(f'coords must be (24, 2) or (L, 2) pixels (x, y); got shape {coords.shape}')
+    raise ValueError(f'coords must be ({k}, 2) or (L, 2) pixels (x, y); got shape {coords.shape}')
   vis = np.ones(coords.shape[0], np.int64) if visibility is None else np.asarray(visibility).astype(np.int64)
   if vis.shape != coords.shape[:1]:
     raise ValueError(f'visibility must have one entry per keypoint ({coords.shape[0]}); got shape {vis.shape}')
-  if coords.shape[0] == kp.NUM_KEYPOINTS and len(names) != kp.NUM_KEYPOINTS:
-    idx = kp.keypoint_indices(category)
+  if coords.shape[0] == k and len(names) != k:
+    idx = keypoint_set.keypoint_indices(category)
     coords, vis = coords[idx], vis[idx]
   elif coords.shape[0] != len(names):
     raise ValueError(f'{category} has {len(names)} keypoints; got coords for {coords.shape[0]} '
-                     f'(expected {len(names)} or {kp.NUM_KEYPOINTS})')
+                     f'(expected {len(names)} or {k})')
   return names, coords, vis
 
 
 def draw_keypoints(image, coords, category: str, visibility=None, *, labels: bool = True,
-                   title: str | None = None, min_size: int = 384) -> Image.Image:
+                   title: str | None = None, min_size: int = 384,
+                   keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI) -> Image.Image:
   """The image with `category`'s keypoints drawn on it.
 
   Args:
     image: array (H, W, 3) uint8 or floats in [0, 1], or a PIL image, in the coordinates' pixels.
-    coords: (24, 2) CSV-order pixels (x, y), or (L, 2) for `category`'s keypoints only.
-    category: a garment category or 'all' (every keypoint, no skeleton).
-    visibility: optional (24,) or (L,) in {1, 0, -1}: 0 drawn hollow, -1 skipped.
+    coords: (K, 2) pixels (x, y) of the set's keypoints (FashionAI: the 24 in CSV order), or (L, 2) for
+      `category`'s keypoints only.
+    category: a category of the set (a garment) or 'all' (every keypoint, no skeleton).
+    visibility: optional (K,) or (L,) in {1, 0, -1}: 0 drawn hollow, -1 skipped.
     labels: write each keypoint's name next to it.
     title: a caption written in the top-left corner.
     min_size: enlarge the image so that its shorter side is at least this many pixels.
+    keypoint_set: the set the keypoints are of (FashionAI's by default).
 
   Returns:
     An RGB PIL image (possibly enlarged; the keypoints are scaled with it).
   """
-  kp.check_category(category)
-  names, pts, vis = _category_points(coords, category, visibility)
+  keypoint_set.check_category(category)
+  names, pts, vis = _category_points(coords, category, visibility, keypoint_set)
   arr = to_uint8_image(image)
   h, w = arr.shape[:2]
   scale = max(1.0, min_size / max(1, min(h, w)))
@@ -139,7 +127,7 @@ def draw_keypoints(image, coords, category: str, visibility=None, *, labels: boo
   r = max(3, round(min(size) / 90))
   line = max(2, r // 2)
   index = {n: i for i, n in enumerate(names)}
-  for a, b in SKELETON[category]:
+  for a, b in _skeleton(keypoint_set, category):
     i, j = index[a], index[b]
     if shown[i] and shown[j]:
       color = side_color(a) if side_color(a) == side_color(b) else EDGE_CENTER_COLOR
@@ -187,14 +175,14 @@ def side_by_side(*images, gap: int = 4, background=(255, 255, 255)) -> Image.Ima
 
 
 def draw_prediction(image, pred, category: str, gt=None, gt_visibility=None, *, labels: bool = True,
-                    min_size: int = 384) -> Image.Image:
+                    min_size: int = 384, keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI) -> Image.Image:
   """The prediction drawn on `image`; with a ground truth, prediction and ground truth side by side."""
   drawn = draw_keypoints(image, pred, category, labels=labels, min_size=min_size,
-                         title='prediction' if gt is not None else None)
+                         title='prediction' if gt is not None else None, keypoint_set=keypoint_set)
   if gt is None:
     return drawn
   truth = draw_keypoints(image, gt, category, gt_visibility, labels=labels, min_size=min_size,
-                         title='ground truth')
+                         title='ground truth', keypoint_set=keypoint_set)
   return side_by_side(drawn, truth)
 
 
@@ -234,20 +222,23 @@ def save_grid(images: Sequence, path: str | os.PathLike, columns: int = 4, max_c
 
 def save_prediction_grid(path: str | os.PathLike, images: Sequence, preds: Sequence, categories: Sequence,
                          gts: Sequence | None = None, visibilities: Sequence | None = None, *,
-                         columns: int = 2, labels: bool = False, min_size: int = 256) -> str:
+                         columns: int = 2, labels: bool = False, min_size: int = 256,
+                         keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI) -> str:
   """Training's picture of validation predictions: one prediction|truth pair per image, on a grid.
 
   Args:
     path: the PNG to write (atomically).
     images: original images (H, W, 3) uint8, each in its own size.
-    preds: (24, 2) original pixels per image (`kpjax.inference.scoring.evaluate_batches`' 'pred' rows).
-    categories: each image's garment category (name or index into `kp.CATEGORIES`).
-    gts, visibilities: optional ground truth (24, 2) and (24,) per image, drawn alongside.
+    preds: (K, 2) original pixels per image (`kpjax.inference.scoring.evaluate_batches`' 'pred' rows).
+    categories: each image's category (name or index into the set's categories, `kp.CATEGORIES`).
+    gts, visibilities: optional ground truth (K, 2) and (K,) per image, drawn alongside.
+    keypoint_set: the set of the keypoints (FashionAI's by default).
   """
   tiles = []
   for k, (image, pred, cat) in enumerate(zip(images, preds, categories)):
-    cat = kp.CATEGORIES[int(cat)] if isinstance(cat, (int, np.integer)) else str(cat)
+    cat = keypoint_set.category_names[int(cat)] if isinstance(cat, (int, np.integer)) else str(cat)
     gt = None if gts is None else gts[k]
     vis = None if visibilities is None else visibilities[k]
-    tiles.append(draw_prediction(image, pred, cat, gt, vis, labels=labels, min_size=min_size))
+    tiles.append(draw_prediction(image, pred, cat, gt, vis, labels=labels, min_size=min_size,
+                                 keypoint_set=keypoint_set))
   return save_grid(tiles, path, columns=columns, max_cell=2 * min_size + 4)

@@ -1,5 +1,6 @@
 """FashionAI normalised error of a submission file against annotations, or of a model over a dataset split
-(what `python -m kpjax.evaluate` runs, kpjax.cli.evaluate).
+(what `python -m kpjax.evaluate` runs, kpjax.cli.evaluate; a model of COCO-format data is also scored with
+COCO's keypoint AP, and COCO files with kpjax.inference.coco_evaluation).
 
 Every annotated image needs exactly one prediction of the same category, and every predicted image an
 annotation: anything else is an EvaluationError naming the image. Scores are `metrics.normalized_error`'s.
@@ -60,7 +61,8 @@ def format_table(m: dict) -> str:
   def num(v):
     return '-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}'
 
-  for name, sfx in [(c, f'/{c}') for c in kp.CATEGORIES if f'count/{c}' in m] + [('overall', '')]:
+  present = [k.split('/', 1)[1] for k in m if k.startswith('count/')]  # in category order
+  for name, sfx in [(c, f'/{c}') for c in present] + [('overall', '')]:
     images = m[f'images{sfx}'] + m[f'skipped{sfx}']
     rows.append([name, str(images), str(m[f'count{sfx}']), num(m[f'ne{sfx}'])] + [num(m[f'{k}{sfx}']) for k in pck])
   widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -113,7 +115,9 @@ def _read_table(path: str, what: str) -> dict[str, tuple[str, np.ndarray, np.nda
 def evaluate_model(config, checkpoint_path: str, split: str | None = None, batch_size: int | None = None,
                    flip: bool = False, max_images: int = 0, step: int | None = None) -> tuple[dict, list[str]]:
   """Runs a checkpoint over `split` (default config.data.eval_split) of the config's dataset, in
-  batches of `batch_size` (default config.eval_batch_size); returns (metrics, image ids not scored).
+  batches of `batch_size` (default config.eval_batch_size); returns (metrics, image ids not scored by NE).
+  Metrics are kpjax.inference.scoring.evaluate_batches': NE where the keypoint set defines it, COCO's
+  keypoint AP for COCO-format data.
 
   The config (validated where it entered, kpjax.train.config_check) must describe the checkpoint's
   model. A training workdir's own synthetic data is found from the checkpoint's place in it.
@@ -134,11 +138,19 @@ def evaluate_model(config, checkpoint_path: str, split: str | None = None, batch
   # A training workdir holds the synthetic data it trained on (config.data.synthetic_dir = '').
   workdir = checkpoints.locate(checkpoint_path, step).workdir
   source = sources.get_source(config.data, split or config.data.eval_split, workdir=workdir)
+  kset = sources.source_keypoint_set(source)
+  if kset != spec.keypoint_set:
+    raise EvaluationError(f'{checkpoint_path} predicts the keypoint set {spec.keypoint_set.describe()} but '
+                          f'{source!r} holds {kset.describe()}; point config.data at the data the model was trained on')
   mesh = devices.make_mesh()  # every device takes its share of each batch
   batches = pipeline.eval_batches(
       source, spec, config.data, batch_size=devices.local_batch_size(batch_size or int(config.eval_batch_size), mesh),
       process_index=jax.process_index(), process_count=jax.process_count(), max_images=max_images)
-  predict_fn = predictor.make_predict_fn(model, flip=flip, category=spec.category, mesh=mesh)
+  predict_fn = predictor.make_predict_fn(model, flip=flip, category=spec.category, mesh=mesh, keypoint_set=kset,
+                                         confidence=kset.scored_by_oks)
   scores, preds = scoring.evaluate_batches(predict_fn, devices.replicate(variables, mesh), batches, spec, mesh)
-  _, ok = metrics.normalization_distances(preds['keypoints'], preds['visibility'], preds['category'])
-  return scores, [str(i) for i in preds['image_id'][~ok]]
+  if not kset.has_normalization:
+    return scores, []
+  _, ok = metrics.normalization_distances(preds['keypoints'], preds['visibility'], preds['category'], kset)
+  paired = np.array([kset.categories[c].normalization is not None for c in preds['category']], bool)
+  return scores, [str(i) for i in preds['image_id'][paired & ~ok]]  # (NE never scores a category without a pair)

@@ -181,7 +181,8 @@ def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *,
                   categories_csv: str | None = None, draw: str | None = None, step: int | None = None,
                   log=None) -> PredictionSummary:
   """Predicts the images (files, folders, globs) with the model at `checkpoint_path` and writes the
-  FashionAI submission CSV `out` (and with `draw`, one PNG per image under that folder).
+  FashionAI submission CSV `out` (and with `draw`, one PNG per image under that folder); a model of another
+  keypoint set (COCO-format data) writes COCO results instead (kpjax.inference.coco_prediction).
 
   config: a (validated) config that must describe the model, or None; category / categories_csv: the
   images' categories for an 'all' model (see assign_categories). Unreadable images are reported through
@@ -200,6 +201,14 @@ def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *,
   for p in problems:
     log(f'warning: {p}')
   model, variables, spec, _ = predictor.load_predictor(checkpoint_path, config, step=step)
+  if spec.keypoint_set != kp.FASHIONAI:  # a model of COCO-format data writes COCO results
+    if categories_csv:
+      raise PredictionError(f'--categories is a FashionAI test.csv; {checkpoint_path} predicts the keypoint set '
+                            f'{spec.keypoint_set.describe()} (give --category, or the objects with --boxes)')
+    from kpjax.inference import coco_prediction  # pylint: disable=g-import-not-at-top
+    return coco_prediction.predict_coco(checkpoint_path, image_paths, out, config=config, flip=flip,
+                                        batch_size=batch_size, category=category, draw=draw, step=step, log=log,
+                                        loaded=(model, variables, spec))
   model_category, size = spec.category, spec.input_size
   work, left_out = assign_categories(items, model_category, category, categories_csv)
   if left_out:

@@ -15,22 +15,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kpjax.data import keypoint_sets
 from kpjax.data import keypoints as kp
 from kpjax.data.spec import ModelSpec
+from kpjax.errors import KeypointSetError, SpecMismatch
 from kpjax.inference import checkpoints
 from kpjax.inference import devices
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def make_predict_fn(model, *, flip: bool = False, category: str | None = None, mesh=None) -> PredictFn:
+def make_predict_fn(model, *, flip: bool = False, category: str | None = None, mesh=None,
+                    keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI, confidence: bool = False) -> PredictFn:
   """A jitted `fn(variables, images (B, S, S, 3) f32) -> coords` in the model's output units.
 
   coords are (B, L, 2). With `flip`, the horizontally flipped batch runs too (one forward pass on 2B
   images) and coords are (B, 2, L, 2): [:, 0] the images', [:, 1] the flipped images' with their
-  left/right keypoints swapped back (`kp.flip_permutation(category)`) but x still in the flipped
-  frame. `to_original` mirrors and averages such pairs in each original image's pixels, where the
-  mirror is exact for both conventions (`IOConvention.flipped_to_original`).
+  left/right keypoints swapped back (`keypoint_set.flip_permutation(category)`) but x still in the
+  flipped frame. `to_original` mirrors and averages such pairs in each original image's pixels, where
+  the mirror is exact for both conventions (`IOConvention.flipped_to_original`).
+
+  With `confidence`, fn returns (coords, confidence (B, L) float32): each keypoint's
+  kpjax.inference.confidence.keypoint_confidence, the mean of both views' with `flip`.
 
   With a `mesh` (kpjax.devices.make_mesh), the batch is split along its 'data' axis over every
   device and the variables replicated: pass images as a global array (devices.shard_batch; B a
@@ -41,23 +47,31 @@ def make_predict_fn(model, *, flip: bool = False, category: str | None = None, m
   if flip:
     if category is None:
       raise ValueError('flip test-time augmentation needs the model category (to swap left and right)')
-    perm = kp.flip_permutation(category)
+    perm = keypoint_set.flip_permutation(category)
     if len(perm) != model.n_locations:
       raise ValueError(f'category {category} has {len(perm)} keypoints but the model predicts {model.n_locations}')
     perm = tuple(int(i) for i in perm)
-  return _compiled_predict(model, perm, mesh)
+  return _compiled_predict(model, perm, mesh, bool(confidence))
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_predict(model, perm: tuple[int, ...] | None, mesh) -> PredictFn:
-  """One jitted function per (model, flip permutation, mesh), so repeated evaluations do not recompile."""
+def _compiled_predict(model, perm: tuple[int, ...] | None, mesh, with_confidence: bool = False) -> PredictFn:
+  """One jitted function per (model, flip permutation, mesh, confidence), so repeated evaluations do not
+  recompile."""
+  from kpjax.inference import confidence  # pylint: disable=g-import-not-at-top
 
   def predict(variables, images):
     if perm is None:
-      return model.apply(variables, images)[0]
+      coords, heatmaps = model.apply(variables, images)
+      return (coords, confidence.keypoint_confidence(heatmaps)) if with_confidence else coords
     b = images.shape[0]
-    coords = model.apply(variables, jnp.concatenate([images, images[:, :, ::-1]], axis=0))[0]
-    return jnp.stack([coords[:b], coords[b:][:, np.asarray(perm)]], axis=1)
+    coords, heatmaps = model.apply(variables, jnp.concatenate([images, images[:, :, ::-1]], axis=0))
+    index = np.asarray(perm)
+    coords = jnp.stack([coords[:b], coords[b:][:, index]], axis=1)
+    if not with_confidence:
+      return coords
+    conf = confidence.keypoint_confidence(heatmaps)
+    return coords, 0.5 * (conf[:b] + conf[b:][:, index])
 
   if mesh is None:
     return jax.jit(predict)
@@ -65,13 +79,14 @@ def _compiled_predict(model, perm: tuple[int, ...] | None, mesh) -> PredictFn:
   return jax.jit(predict, in_shardings=(devices.replicated(mesh), rows), out_shardings=rows)
 
 
-def to_24(coords, category: str) -> np.ndarray:
-  """(N, L, 2) coordinates of `category`'s keypoints -> (N, 24, 2) in CSV order, NaN elsewhere."""
+def to_24(coords, category: str, keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI) -> np.ndarray:
+  """(N, L, 2) coordinates of `category`'s keypoints -> (N, K, 2) in the set's order (FashionAI: the 24 in
+  CSV order), NaN elsewhere."""
   coords = np.asarray(coords)
-  idx = kp.keypoint_indices(category)
+  idx = keypoint_set.keypoint_indices(category)
   if coords.shape[-2:] != (len(idx), 2):
     raise ValueError(f'{category} has {len(idx)} keypoints; got coordinates of shape {coords.shape}')
-  out = np.full(coords.shape[:-2] + (kp.NUM_KEYPOINTS, 2), np.nan, dtype=np.float64)
+  out = np.full(coords.shape[:-2] + (keypoint_set.num_keypoints, 2), np.nan, dtype=np.float64)
   out[..., idx, :] = coords
   return out
 
@@ -102,6 +117,11 @@ def load_predictor(checkpoint_path: str, config=None, step: int | None = None):
   spec = checkpoints.check_metadata(metadata)
   if config is None:
     return spec.build(), variables, spec, metadata
-  ModelSpec.from_config(config).check_matches(spec, theirs=f'the checkpoint {checkpoint_path}')
+  try:  # a config names data, not a keypoint set: it describes a model of the checkpoint's set
+    described = ModelSpec.from_config(config, spec.keypoint_set)
+  except KeypointSetError as e:
+    raise SpecMismatch(f'the config does not describe the checkpoint {checkpoint_path}, a model of the keypoint set '
+                       f'{spec.keypoint_set.describe()}: {e}') from None
+  described.check_matches(spec, theirs=f'the checkpoint {checkpoint_path}')
   model = spec.build(config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype))
   return model, variables, spec, metadata

@@ -49,7 +49,18 @@ def _one_of(choices) -> Callable[[Any], bool]:
 
 
 def _category(v) -> bool:
-  return v in keypoints.CATEGORIES or v == keypoints.ALL
+  return isinstance(v, str) and bool(v)
+
+
+_FASHIONAI_CATEGORIES = f'one of {", ".join(keypoints.CATEGORIES)} or {keypoints.ALL!r}'
+
+
+def _fashionai_data(config) -> bool:
+  """Whether the config trains on FashionAI data (whose categories are known without reading it)."""
+  present, data = _lookup(config, 'data')
+  if not present:
+    return True
+  return data.get('source', 'tfds') == 'synthetic' or data.get('tfds_name', keypoints.TFDS_NAME) == keypoints.TFDS_NAME
 
 
 def _scale_range(v) -> bool:
@@ -64,7 +75,8 @@ def _remat_policy(v) -> bool:
 # (field, test, what is expected). Fields a config lacks are skipped (a config file may be partial
 # only in tests; configs/base.py has them all).
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ('category', _category, f'one of {", ".join(keypoints.CATEGORIES)} or {keypoints.ALL!r}'),
+    # Any data's: FashionAI's categories are checked below, other sets' when their dataset is read.
+    ('category', _category, f'{_FASHIONAI_CATEGORIES}, or a category of the dataset\'s keypoint set'),
     ('input_size', layers.valid_side, layers.INPUT_SIDE_RULE),
     ('preprocessing', _one_of(conventions.NAMES), f'one of {", ".join(conventions.NAMES)}'),
     ('kpdem_targets', _one_of(kpdem.TARGETS), f'one of {", ".join(kpdem.TARGETS)}'),
@@ -131,6 +143,10 @@ def check_config(config, training: bool = True) -> Any:
     present, value = _lookup(config, field)
     if present and not test(value):
       raise ConfigError(f'config.{field} = {value!r}: expected {expected}')
+  present, category = _lookup(config, 'category')
+  if present and _fashionai_data(config) and category not in keypoints.CATEGORIES + (keypoints.ALL,):
+    raise ConfigError(f'config.category = {category!r}: expected {_FASHIONAI_CATEGORIES} (FashionAI data: '
+                      f'config.data.tfds_name = {keypoints.TFDS_NAME!r} or synthetic garments)')
   if config.get('init_backbone') and config.get('init_from'):
     raise ConfigError('config.init_backbone and config.init_from are both set: start from the VGG19 backbone '
                       '(init_backbone) or from a whole converted model (init_from), not both')

@@ -1,4 +1,4 @@
-"""Training curves: the loss and the evaluation NE of a run's metrics.jsonl, plotted (matplotlib, Agg)."""
+"""Training curves: the loss and the evaluation NE (COCO data: AP) of a run's metrics.jsonl, plotted (Agg)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Iterable
 
 import numpy as np
 
-from kpjax.data import keypoints as kp
 from kpjax.io import atomic
 from kpjax.train.log import read_metrics  # the one reader of metrics.jsonl, shared with resuming
 
@@ -27,8 +26,8 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
   """Plots the training loss and the evaluation NE (overall and per category) against the step.
 
   Reads `metrics_path` (metrics.jsonl: {'step', 'train/loss', 'eval/ne', 'eval/ne/<category>', ...}
-  a line) and writes a two-panel PNG to `out_png` atomically. Raises ValueError when neither curve has
-  a single point.
+  a line) and writes a two-panel PNG to `out_png` atomically. `ne_key` may name another figure
+  ('eval/ap' for COCO data). Raises ValueError when neither curve has a single point.
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -36,10 +35,11 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
   records = read_metrics(metrics_path)
   loss = _series(records, loss_key)
   ne = {ne_key: _series(records, ne_key)}
-  for c in kp.CATEGORIES:
-    s = _series(records, f'{ne_key}/{c}')
+  per_category = sorted({k for r in records for k in r if k.startswith(f'{ne_key}/')})
+  for key in per_category:  # the categories present, in name order (FashionAI's: blouse .. trousers)
+    s = _series(records, key)
     if s[0].size:
-      ne[f'{ne_key}/{c}'] = s
+      ne[key] = s
   if not loss[0].size and not ne[ne_key][0].size:
     raise ValueError(f'{metrics_path} has no {loss_key!r} or {ne_key!r} values to plot')
   fig = Figure(figsize=(10, 4), dpi=100)
@@ -53,7 +53,9 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
     if steps.size:
       ax_ne.plot(steps, values, marker='o', ms=3, lw=2 if key == ne_key else 1,
                  label=key.split('/')[-1] if key != ne_key else 'overall')
-  ax_ne.set(title=f'{ne_key} (normalised error, lower is better)', xlabel='step')
+  what = ('normalised error, lower is better' if ne_key.endswith('/ne') else
+          'keypoint AP, higher is better' if ne_key.endswith('/ap') else ne_key)
+  ax_ne.set(title=f'{ne_key} ({what})', xlabel='step')
   if any(s.size for s, _ in ne.values()):
     ax_ne.legend(fontsize=8)
   for ax in (ax_loss, ax_ne):

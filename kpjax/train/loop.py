@@ -1,7 +1,9 @@
 """The training loop: `train_and_evaluate(config, workdir)`, what `python -m kpjax.train` runs.
 
-Data-parallel over every device of every process, evaluated with FashionAI's NE, checkpointed with
-orbax (state, data iterator position, metadata) and resumed from the workdir by itself.
+Data-parallel over every device of every process, evaluated with FashionAI's NE (and, on COCO-format data,
+COCO's keypoint AP: kpjax.inference.scoring), checkpointed with orbax (state, data iterator position,
+metadata) and resumed from the workdir by itself. The model's outputs, masks and flips are the keypoint
+set of the data the config names (kpjax.data.sources.dataset_keypoint_set).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from kpjax.data import sources
 from kpjax.data import spec as spec_lib
 from kpjax.errors import ConfigError, TrainingError
 from kpjax.inference import checkpoints
@@ -60,10 +63,17 @@ def _check_resumable(config, workdir: Workdir) -> None:
   config_check.check_resume(stored['config'], config, where=workdir.root)
 
 
+def _logged(key: str, oks: bool) -> bool:
+  """Whether training logs the evaluation figure `key`: NE and PCK (overall and per category), and for a set
+  scored with OKS also AP and AR."""
+  return key == 'ne' or key.startswith(('ne/', 'pck')) or (oks and key.startswith(('ap', 'ar')))
+
+
 def _evaluate(config, spec: spec_lib.ModelSpec, params, eval_source, step: int, workdir: Workdir,
               writer: MetricWriter, predict_fn, mesh) -> dict[str, float]:
   """Scores `params` (replicated on `mesh`) on the evaluation split, every device and process taking
-  its share; logs eval/ne, eval/ne/<category>, eval/pck@.. and eval/images; process 0 draws a grid."""
+  its share; logs eval/ne, eval/ne/<category>, eval/pck@.. (and for COCO data eval/ap, eval/ap50, ...,
+  eval/ap/<category>) and eval/images; process 0 draws a grid."""
   from kpjax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from kpjax.inference import drawing  # pylint: disable=g-import-not-at-top
@@ -74,7 +84,7 @@ def _evaluate(config, spec: spec_lib.ModelSpec, params, eval_source, step: int, 
                                   max_images=int(config.data.num_eval_images))
   scores, preds = scoring.evaluate_batches(predict_fn, {'params': params}, batches, spec, mesh)
   record = {f'eval/{k}': float(v) for k, v in scores.items()
-            if isinstance(v, (int, float, np.floating, np.integer)) and (k == 'ne' or k.startswith(('ne/', 'pck')))}
+            if isinstance(v, (int, float, np.floating, np.integer)) and _logged(k, spec.keypoint_set.scored_by_oks)}
   record['eval/images'] = float(len(preds['image_id']))
   writer.write(step, record)
   n_vis = min(int(config.num_vis_images), len(preds['image_id']))
@@ -89,7 +99,8 @@ def _evaluate(config, spec: spec_lib.ModelSpec, params, eval_source, step: int, 
         if all(im is not None for im in images):
           break
     drawing.save_prediction_grid(workdir.predictions(step), images, preds['pred'][:n_vis], preds['category'][:n_vis],
-                                 preds['keypoints'][:n_vis], preds['visibility'][:n_vis])
+                                 preds['keypoints'][:n_vis], preds['visibility'][:n_vis],
+                                 keypoint_set=spec.keypoint_set)
   return record
 
 
@@ -99,7 +110,8 @@ def make_train_iterator(config, source, process_index: int = 0, process_count: i
   rows of it."""
   from kpjax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
   from kpjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.train_iterator(source, spec_lib.ModelSpec.from_config(config), config.data,
+  spec = spec_lib.ModelSpec.from_config(config, sources.source_keypoint_set(source))
+  return pipeline.train_iterator(source, spec, config.data,
                                  global_batch_size=int(config.batch_size),
                                  augment=augment_lib.AugmentConfig.from_config(config.augment),
                                  seed=int(config.seed), process_index=process_index, process_count=process_count,
@@ -111,19 +123,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   The config is validated here (kpjax.train.config_check), once; what follows gets its parts.
   Returns {'step': the last step trained, 'eval/ne': the last validation NE (None if this call
-  evaluated nothing), 'stopped_by': the signal number that stopped the run early, or None}.
+  evaluated nothing, or the data defines no NE), 'stopped_by': the signal number that stopped the run
+  early, or None}, and for COCO-format data 'eval/ap' (the last validation AP, or None).
   Raises TrainingError on a non-finite loss, ValueError (and subclasses: ConfigError,
   DatasetNotFoundError, CheckpointError, SpecMismatch) for configs, data or checkpoints that cannot be used.
   """
-  from kpjax.data import sources  # pylint: disable=g-import-not-at-top
   from kpjax.inference import predictor  # pylint: disable=g-import-not-at-top
+  from kpjax.inference import scoring  # pylint: disable=g-import-not-at-top
   from kpjax.train import curves  # pylint: disable=g-import-not-at-top
 
   config_check.check_config(config)
   workdir = Workdir.at(workdir)
   mesh = devices.make_mesh()
   check_devices(config, mesh.devices.size)
-  spec = spec_lib.ModelSpec.from_config(config)
+  spec = spec_lib.ModelSpec.from_config(config, sources.dataset_keypoint_set(config.data))
+  main, lower_is_better = scoring.main_metric(spec.keypoint_set)
   resume_step = workdir.latest_step()  # None: a fresh run
   pretrained = initial = None
   if resume_step is not None:
@@ -132,16 +146,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if config[field]:
         print(f'note: resuming from {workdir.root}; config.{field} is ignored (the checkpoint wins)', flush=True)
   else:  # read and checked before the workdir is touched
-    pretrained = vgg19.read_for_model(config.init_backbone, ts.build_model(config)) if config.init_backbone else None
+    pretrained = (vgg19.read_for_model(config.init_backbone, ts.build_model(config, spec.keypoint_set))
+                  if config.init_backbone else None)
     initial = _read_init_from(config, spec)
   process, num_processes = jax.process_index(), jax.process_count()
   print(f'devices: {jax.device_count()}, processes: {num_processes} ({jax.devices()[0].platform}); '
         f'workdir: {workdir.root}', flush=True)
   train_source = sources.get_source(config.data, config.data.train_split, workdir.root)
   eval_source = sources.get_source(config.data, config.data.eval_split, workdir.root)
-  model, optimizer, step_fn = ts.make_training(config, mesh)
+  model, optimizer, step_fn = ts.make_training(config, mesh, spec.keypoint_set)
   state = ts.create_train_state(model, optimizer, jax.random.key(int(config.seed)), spec.input_size)
-  manager = workdir.manager(int(config.keep_checkpoints))  # creates the workdir: only once the data is there
+  # Creates the workdir: only once the data is there.
+  manager = workdir.manager(int(config.keep_checkpoints), f'eval/{main}', lower_is_better)
   restored = checkpoints.restore_training(manager, state.as_dict()) if resume_step is not None else None
   if restored is not None:
     state = ts.TrainState(**restored[0])
@@ -157,14 +173,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     train_iter.set_state(restored[1])  # where the saved step's input stream stood (its step count)
     print(f'resumed from step {start} in {manager.directory}', flush=True)
   state = devices.replicate(jax.device_get(state), mesh)
-  predict_fn = predictor.make_predict_fn(model.clone(remat=False), mesh=mesh)
+  predict_fn = predictor.make_predict_fn(model.clone(remat=False), mesh=mesh,
+                                         confidence=spec.keypoint_set.scored_by_oks)
   metadata = spec.metadata(config=config_check.flatten(config))  # resuming checks the config against it
+  last = {'eval/ne': None, f'eval/{main}': None}
 
   def evaluate(step: int) -> float:
     record = _evaluate(config, spec, state.params, eval_source, step, workdir, writer, predict_fn, mesh)
-    progress.note(f'step {step}: eval/ne {record["eval/ne"]:.4f} ({int(record["eval/images"])} images, '
+    last.update({k: record.get(k) for k in last})
+    progress.note(f'step {step}: eval/{main} {record[f"eval/{main}"]:.4f} ({int(record["eval/images"])} images, '
                   f'{jax.device_count()} devices, {num_processes} processes)')
-    return record['eval/ne']
+    return record[f'eval/{main}']
 
   total = int(config.total_steps)
   end = min(total, int(config.stop_at_step) or total)
@@ -172,12 +191,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                         resume_step=start if restored is not None else None)
   progress = Progress(total, start, enabled=process == 0)
   stop = StopRequest(num_processes)
-  last_ne = None
+  last_best = None
   step = start
   window = _TrainWindow(int(config.batch_size))
   try:
     if start == 0:
-      last_ne = evaluate(0)
+      last_best = evaluate(0)
     pending = None  # (step, metrics) of the step in flight: read after the next one is dispatched
     while step < end:
       batch = devices.shard_batch(next(train_iter), mesh)
@@ -201,10 +220,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         progress.update(step, record['train/loss'], record['train/images_per_s'])
       paused = time.perf_counter()
       if eval_now:
-        last_ne = evaluate(step)
+        last_best = evaluate(step)
       if save:
         checkpoints.save_training(manager, step, state.as_dict(), metadata, train_iter.get_state(),
-                                  last_ne if eval_now else None)
+                                  last_best if eval_now else None, metric_name=f'eval/{main}')
       window.exclude(time.perf_counter() - paused)  # images/s counts training time only
       if stopping:
         progress.note(f'stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved '
@@ -217,8 +236,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     train_iter.close()
     manager.close()
   if process == 0 and writer.has_records() and stop.signal is None:
-    curves.plot_curves(workdir.metrics, workdir.curves)
-  return {'step': step, 'eval/ne': last_ne, 'stopped_by': stop.signal}
+    curves.plot_curves(workdir.metrics, workdir.curves, ne_key=f'eval/{main}')
+  return {'step': step, **last, 'stopped_by': stop.signal}
 
 
 class _TrainWindow:

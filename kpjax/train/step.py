@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kpjax.data import keypoints
 from kpjax.data.spec import ModelSpec
 from kpjax.model import losses
 from kpjax.model import vgg19
@@ -30,11 +31,12 @@ class TrainState(flax.struct.PyTreeNode):
     return {'step': self.step, 'params': self.params, 'opt_state': self.opt_state}
 
 
-def build_model(config) -> CoordRegressionNetwork:
-  """The network a (validated, kpjax.train.config_check) config trains: its ModelSpec with the config's
-  compute dtype, remat and convolution algorithm ('' = the convention's default)."""
-  return ModelSpec.from_config(config).build(config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype),
-                                             remat=bool(config.remat), remat_policy=config.remat_policy)
+def build_model(config, keypoint_set=keypoints.FASHIONAI) -> CoordRegressionNetwork:
+  """The network a (validated, kpjax.train.config_check) config trains on data of `keypoint_set`: its ModelSpec
+  with the config's compute dtype, remat and convolution algorithm ('' = the convention's default)."""
+  return ModelSpec.from_config(config, keypoint_set).build(
+      config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype), remat=bool(config.remat),
+      remat_policy=config.remat_policy)
 
 
 def make_schedule(config) -> optax.Schedule:
@@ -151,10 +153,11 @@ def make_train_step(model: CoordRegressionNetwork, optimizer: optax.GradientTran
                  out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=options)
 
 
-def make_training(config, mesh: jax.sharding.Mesh | None = None):
-  """(model, optimizer, jitted step) for a validated config (kpjax.train.config_check): what kpjax.train runs,
-  and what the tests and benchmarks build to run or time it. See make_train_step for the step."""
-  model = build_model(config)
+def make_training(config, mesh: jax.sharding.Mesh | None = None, keypoint_set=keypoints.FASHIONAI):
+  """(model, optimizer, jitted step) for a validated config (kpjax.train.config_check) on data of `keypoint_set`:
+  what kpjax.train runs, and what the tests and benchmarks build to run or time it. See make_train_step for
+  the step."""
+  model = build_model(config, keypoint_set)
   schedule = make_schedule(config)
   optimizer = make_optimizer(config, schedule)
   step = make_train_step(model, optimizer, schedule, sigma_t=float(config.sigma_t), js_weight=float(config.js_weight),

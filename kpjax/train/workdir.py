@@ -4,7 +4,7 @@
     <workdir>/metrics.jsonl                  one JSON object a line (kpjax.train.log)
     <workdir>/tensorboard/                   TensorBoard events mirroring metrics.jsonl
     <workdir>/predictions/step_XXXXXXX.png   validation predictions drawn at each evaluation
-    <workdir>/curves.png                     loss and NE, plotted at the end of a run
+    <workdir>/curves.png                     loss and NE (COCO data: AP), plotted at the end of a run
     <workdir>/synthetic/                     generated data (config.data.source = 'synthetic', no synthetic_dir)
 """
 
@@ -60,6 +60,8 @@ class Workdir:
     """The metadata of the latest checkpoint (the model and, since 0.1.0, the run's config)."""
     return checkpoints.read_metadata(self.root)
 
-  def manager(self, keep: int):
-    """The orbax CheckpointManager of this run's checkpoints (kpjax.inference.checkpoints.training_manager)."""
-    return checkpoints.training_manager(self.checkpoints, keep)
+  def manager(self, keep: int, best_metric: str | None = None, lower_is_better: bool = True):
+    """The orbax CheckpointManager of this run's checkpoints (kpjax.inference.checkpoints.training_manager),
+    keeping the best by `best_metric` (default: its BEST_METRIC, NE)."""
+    return checkpoints.training_manager(self.checkpoints, keep, best_metric or checkpoints.BEST_METRIC,
+                                        lower_is_better)

@@ -1,6 +1,9 @@
-"""Building the TFDS dataset `fashionai_keypoints` (array_record) from the FashionAI files, without TensorFlow.
+"""Building TFDS datasets (array_record) without TensorFlow: `fashionai_keypoints` from the FashionAI files, or
+any keypoint set from COCO-format annotations (kpjax.data.build.coco).
 
     python -m kpjax.data.build --manual-dir DIR --data-dir DIR [--skip-bad] [--validation-fraction F]   (kpjax.cli.build)
+    python -m kpjax.data.build --format coco --annotations TRAIN.json [--validation VAL.json] --images DIR
+        --name NAME --data-dir DIR [--skip-bad] [--sigmas S | FILE.json]
 
 DIR (manual) holds the unpacked archives: train/Annotations/train.csv and train/Images/<category>/*.jpg,
 optionally test/test.csv and test/Images (see kpjax.data.build.fashionai.MANUAL_DOWNLOAD_INSTRUCTIONS); a
@@ -26,19 +29,21 @@ from kpjax.data.build.fashionai import NAME, VERSION
 from kpjax.errors import BuildError
 from kpjax.io import atomic
 
-__all__ = ['BuildSummary', 'build_dataset', 'dataset_dir']
+__all__ = ['BuildSummary', 'build_coco_dataset', 'build_dataset', 'dataset_dir']
 
 
 @dataclasses.dataclass
 class BuildSummary:
-  """What a build wrote: the dataset directory, examples per split, and the skipped rows/images."""
+  """What a build wrote: the dataset directory, examples per split, the skipped rows/images/annotations, and
+  counts of what was left out on purpose (a COCO build's crowd and zero-keypoint objects)."""
   dataset_dir: str
   num_examples: dict[str, int]
   skipped: list[str]
+  left_out: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def dataset_dir(data_dir: str) -> str:
-  return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), NAME, VERSION)
+def dataset_dir(data_dir: str, name: str = NAME, version: str = VERSION) -> str:
+  return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), name, version)
 
 
 def build_dataset(manual_dir: str, data_dir: str, *, skip_bad: bool = False, validation_fraction: float = 0.1,
@@ -50,18 +55,33 @@ def build_dataset(manual_dir: str, data_dir: str, *, skip_bad: bool = False, val
   progress bars (a global tfds setting).
   """
   from kpjax.data.build import fashionai  # pylint: disable=g-import-not-at-top  (imports tensorflow_datasets)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  tfds.display_progress_bar(progress)
   manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
   final = dataset_dir(data_dir)
   atomic.check_target(final, replace=overwrite, flag='--overwrite', error=BuildError)
   fashionai.find_sources(manual_dir)  # a clear error before anything is created
+
+  def make(work):
+    return fashionai.FashionaiKeypoints(data_dir=work, file_format='array_record', skip_bad=skip_bad,
+                                        validation_fraction=validation_fraction, num_threads=num_threads)
+
+  builder, counts = write_staged(final, NAME, VERSION, make, overwrite=overwrite, progress=progress,
+                                 manual_dir=manual_dir)
+  return BuildSummary(final, counts, list(builder.bad))
+
+
+def write_staged(final: str, name: str, version: str, make_builder, *, overwrite: bool, progress: bool,
+                 manual_dir: str | None = None):
+  """Runs the tfds builder `make_builder(scratch data_dir)` makes and moves its dataset to `final` in one
+  step: (builder, examples per split). Nothing is left at `final` (or an old dataset there is kept whole)
+  when the builder or the move fails; a BuildError that tfds wrapped comes out as itself."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  tfds.display_progress_bar(progress)
   try:
     with atomic.staged_dir(final, replace=overwrite, flag='--overwrite', error=BuildError) as new, \
         atomic.scratch_dir(final) as work:
-      builder = fashionai.FashionaiKeypoints(data_dir=work, file_format='array_record', skip_bad=skip_bad,
-                                             validation_fraction=validation_fraction, num_threads=num_threads)
+      builder = make_builder(work)
       config = tfds.download.DownloadConfig(manual_dir=manual_dir,
                                             compute_stats=tfds.download.ComputeStatsMode.SKIP)
       try:
@@ -75,10 +95,16 @@ def build_dataset(manual_dir: str, data_dir: str, *, skip_bad: bool = False, val
         if cause is None:
           raise
         raise BuildError(str(cause)) from None
-      counts = {name: int(split.num_examples) for name, split in builder.info.splits.items()}
-      os.rename(os.path.join(work, NAME, VERSION), new)  # tfds wrote <work>/<name>/<version>
-    return BuildSummary(final, counts, list(builder.bad))
+      counts = {split_name: int(split.num_examples) for split_name, split in builder.info.splits.items()}
+      os.rename(os.path.join(work, name, version), new)  # tfds wrote <work>/<name>/<version>
+    return builder, counts
   finally:
     parent = os.path.dirname(final)
     if os.path.isdir(parent) and not os.listdir(parent):
-      os.rmdir(parent)  # no empty fashionai_keypoints/ left by a failed build
+      os.rmdir(parent)  # no empty <name>/ left by a failed build
+
+
+def build_coco_dataset(annotations: str, images_dir: str, name: str, data_dir: str, **kwargs) -> BuildSummary:
+  """Builds <data_dir>/<name>/1.0.0 from a COCO keypoint file: see kpjax.data.build.coco.build."""
+  from kpjax.data.build import coco  # pylint: disable=g-import-not-at-top  (imports tensorflow_datasets)
+  return coco.build(annotations, images_dir, name, data_dir, **kwargs)

@@ -30,7 +30,7 @@ from kpjax.data import images
 from kpjax.data import keypoints as kp
 from kpjax.errors import BuildError, ImageError
 
-NAME = 'fashionai_keypoints'
+NAME = kp.TFDS_NAME  # 'fashionai_keypoints'
 _classproperty = tfds.core.utils.classproperty
 VERSION = '1.0.0'
 
@@ -137,20 +137,26 @@ def read_items(manual_dir: str, bad: list[str] | None) -> tuple[list[Item], list
   return labelled, test
 
 
+def read_image(path: str, where: str) -> tuple[bytes, np.ndarray]:
+  """(file bytes, decoded uint8 (H, W, 3)) of an image file; BuildError starting with `where` when it is
+  missing, unreadable or does not decode."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise BuildError(f'{where}: image file {path} is missing') from None
+  except OSError as e:
+    raise BuildError(f'{where}: cannot read image file {path} ({e.strerror})') from None
+  try:
+    return data, images.decode_image(data, path)
+  except ImageError as e:
+    raise BuildError(f'{where}: {e}') from None
+
+
 def check_image(item: Item) -> tuple[bytes, int, int]:
   """(file bytes, height, width) of an item; BuildError naming it when missing, corrupt or mislabelled."""
   where = f'{item.where} ({item.image_id})'
-  try:
-    with open(item.path, 'rb') as f:
-      data = f.read()
-  except FileNotFoundError:
-    raise BuildError(f'{where}: image file {item.path} is missing') from None
-  except OSError as e:
-    raise BuildError(f'{where}: cannot read image file {item.path} ({e.strerror})') from None
-  try:
-    image = images.decode_image(data, item.path)
-  except ImageError as e:
-    raise BuildError(f'{where}: {e}') from None
+  data, image = read_image(item.path, where)
   h, w = image.shape[:2]
   if item.keypoints is not None:
     labelled = item.visibility >= 0
@@ -236,17 +242,26 @@ class FashionaiKeypoints(tfds.core.GeneratorBasedBuilder):
     return splits
 
   def _generate_examples(self, items: list[Item]) -> Iterator[tuple[str, dict]]:
-    def load(item):
-      try:
-        return item, check_image(item), None
-      except BuildError as e:
-        return item, None, str(e)
+    yield from checked_records(items, lambda item: _record(item, *check_image(item)), self.num_threads,
+                               self.bad if self.skip_bad else None)
 
-    with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
-      for item, loaded, error in pool.map(load, items):  # in order; decoding runs ahead in threads
-        if error is not None:
-          if not self.skip_bad:
-            raise BuildError(error)
-          self.bad.append(error)
-          continue
-        yield item.key, _record(item, *loaded)
+
+def checked_records(items, make, num_threads: int, bad: list[str] | None) -> Iterator[tuple[str, dict]]:
+  """(item.key, make(item)) for every item, in order, made ahead by a thread pool (decoding releases the GIL).
+
+  A BuildError from `make` stops the build; with a `bad` list it is described there and the item skipped.
+  """
+  def load(item):
+    try:
+      return item, make(item), None
+    except BuildError as e:
+      return item, None, str(e)
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    for item, record, error in pool.map(load, items):  # in order
+      if error is not None:
+        if bad is None:
+          raise BuildError(error)
+        bad.append(error)
+        continue
+      yield item.key, record

@@ -447,6 +447,14 @@ def _write_split(split_dir: str, seed: int, stream: int, count: int) -> list[tup
   return rows
 
 
+def new_output_dir(out_dir: str) -> str:
+  """`out_dir` as an absolute path, if it does not exist or is empty (a synthetic set is written whole)."""
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise ValueError(f'{out_dir} already exists and is not empty; choose another --out or remove it')
+  return out_dir
+
+
 def generate(out_dir: str, num_images: int, seed: int, num_test: int | None = None) -> str:
   """Writes `num_images` labelled training images and a small unlabelled test split under `out_dir`.
 
@@ -460,9 +468,7 @@ def generate(out_dir: str, num_images: int, seed: int, num_test: int | None = No
   num_test = max(1, num_images // 10) if num_test is None else int(num_test)
   if num_test < 0:
     raise ValueError(f'num_test must be >= 0; got {num_test}')
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise ValueError(f'{out_dir} already exists and is not empty; choose another --out or remove it')
+  out_dir = new_output_dir(out_dir)
   with atomic.staged_dir(out_dir, replace=os.path.isdir(out_dir)) as tmp:  # an empty one (checked above)
     rows = _write_split(os.path.join(tmp, 'train'), seed, 0, num_images)
     atomic.write_text(os.path.join(tmp, 'train', 'Annotations', 'train.csv'), csv_io.format_submission(rows))
