@@ -32,9 +32,10 @@ class TrainState(flax.struct.PyTreeNode):
 
 def build_model(config) -> CoordRegressionNetwork:
   """The network a (validated, kpjax.train.config_check) config trains: its ModelSpec with the config's
-  compute dtype, remat and convolution algorithm ('' = the convention's default)."""
+  compute dtype, remat, convolution algorithm ('' = the convention's default) and unpool form."""
   return ModelSpec.from_config(config).build(config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype),
-                                             remat=bool(config.remat), remat_policy=config.remat_policy)
+                                             remat=bool(config.remat), remat_policy=config.remat_policy,
+                                             unpool=config.model.unpool)
 
 
 def make_schedule(config) -> optax.Schedule:
