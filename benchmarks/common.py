@@ -580,13 +580,18 @@ def comparison_parser(doc: str, *, remat: bool) -> ArgumentParser:
                       "max_unpool_2x2), or 'both' (one row each, and their ratio)")
   p.add_argument('--no-torch', action='store_true', help='time kpjax only')
   p.add_argument('--no-peak', action='store_true', help='skip measuring the machine peak')
+  add_timing_args(p)
+  return p
+
+
+def add_timing_args(p: argparse.ArgumentParser, *, warmup: int = 2) -> None:
+  """The flags of time_interleaved: --repeats, --warmup, --min-quiet, --quiet-wait-s."""
   p.add_argument('--repeats', type=positive_int, default=5, help='timed rounds at least (default 5)')
-  p.add_argument('--warmup', type=non_negative_int, default=2, help='untimed calls first (default 2)')
+  p.add_argument('--warmup', type=non_negative_int, default=warmup, help=f'untimed calls first (default {warmup})')
   p.add_argument('--min-quiet', type=non_negative_int, default=2,
                  help='extra rounds (up to 3x --repeats) until each candidate has this many quiet samples')
   p.add_argument('--quiet-wait-s', type=non_negative_float, default=60.0,
                  help='before each round wait up to this long for other processes to go quiet (0: do not)')
-  return p
 
 
 def kpjax_row_name(w: Workload, direct: bool = False) -> str:

@@ -158,7 +158,8 @@ def figures(task: str, side: str, w: common.Workload, seconds: float, median: fl
   flops = TASK_FLOPS[task](w)
   mfu = None if peak_tflops is None else flops / seconds / (peak_tflops[w.dtype] * 1e12)
   return {'task': task, 'side': side, 'size': w.size, 'batch': w.batch, 'dtype': w.dtype, 'remat': w.remat,
-          'unpool': w.unpool if side == 'kpjax' else None, 'width': w.width, 'num_stages': w.num_stages, 's_per_step': seconds, 's_per_step_median': median,
+          'unpool': w.unpool if side == 'kpjax' else None, 'width': w.width, 'num_stages': w.num_stages,
+          's_per_step': seconds, 's_per_step_median': median,
           'images_per_s': w.batch / seconds, 'tflop_per_step': flops / 1e12,
           'tflop_per_s': flops / seconds / 1e12, 'mfu': mfu}
 

@@ -1,4 +1,4 @@
-"""The pool + unpool pair alone: kpjax's fused 'mask' form against the 'scatter' form, forward and forward + backward.
+"""The pool + unpool pair alone: kpjax's fused 'mask' form against the 'scatter' form, forward and backward.
 
   python benchmarks/pool_unpool.py                               # (8, 256, 256, 64) float32
   python benchmarks/pool_unpool.py --shape 2,48,48,64 --dtype both
@@ -9,8 +9,9 @@ indices, then a lax.scatter back), what config.model.unpool = 'scatter' runs. Bo
 The default shape is what KPDEM's first block hands its pool at 256x256, batch 8 (64 channels, NHWC).
 'forward' returns the unpooled array; 'forward + backward' returns it and the gradient for a fixed
 cotangent (jax.vjp), as a training step needs both. Each is jitted and compiled ahead of time, timed
-interleaved (benchmarks/common.py; a sample repeats calls shorter than 0.1 s); GB/s counts the arrays read and written once (forward: x and the
-output; forward + backward: also the cotangent and the gradient), a lower bound on the memory traffic.
+interleaved (benchmarks/common.py; a sample repeats calls shorter than 0.1 s); GB/s counts the arrays
+read and written once (forward: x and the output; forward + backward: also the cotangent and the
+gradient), a lower bound on the memory traffic.
 """
 
 from __future__ import annotations
@@ -42,12 +43,7 @@ def parse_args(argv=None):
   p = common.ArgumentParser(__doc__)
   p.add_argument('--shape', type=nhwc_shape, default=DEFAULT_SHAPE, help='B,H,W,C (default 8,256,256,64)')
   p.add_argument('--dtype', choices=common.DTYPES + ('both',), default='float32', help='(default float32)')
-  p.add_argument('--repeats', type=common.positive_int, default=5, help='timed rounds at least (default 5)')
-  p.add_argument('--warmup', type=common.non_negative_int, default=1, help='untimed calls first (default 1)')
-  p.add_argument('--min-quiet', type=common.non_negative_int, default=2,
-                 help='extra rounds (up to 3x --repeats) until each candidate has this many quiet samples')
-  p.add_argument('--quiet-wait-s', type=common.non_negative_float, default=60.0,
-                 help='before each round wait up to this long for other processes to go quiet (0: do not)')
+  common.add_timing_args(p, warmup=1)
   return p.parse_args(argv)
 
 

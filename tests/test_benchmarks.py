@@ -59,9 +59,9 @@ def test_train_step_prints_table_machine_and_ratio(capsys):
   scatter = rows['kpjax (scatter unpool, remat)']  # --unpool both: the scatter form too
   assert kp[1] == torch_row[1] == scatter[1] == 'float32'
   assert float(kp[2]) > 0 and float(torch_row[2]) > 0 and float(scatter[2]) > 0
-  unpool = re.search(r'on (.+): scatter/mask unpool time ratio \(float32\): ([0-9.]+)x best, ([0-9.]+)x median '
-                     r'\(mask ([0-9.e-]+) s/step best, ([0-9.e-]+) median; scatter ([0-9.e-]+) best, ([0-9.e-]+) median\)',
-                     out)
+  number = r'([0-9.e-]+)'
+  unpool = re.search(rf'on (.+): scatter/mask unpool time ratio \(float32\): {number}x best, {number}x median '
+                     rf'\(mask {number} s/step best, {number} median; scatter {number} best, {number} median\)', out)
   assert unpool and common.cpu_model() in unpool.group(1)
   assert [float(unpool.group(i)) for i in (4, 5, 6, 7)] == [float(c) for c in kp[2:4] + scatter[2:4]]
   assert float(unpool.group(2)) == pytest.approx(float(scatter[2]) / float(kp[2]), abs=0.006, rel=0.002)

@@ -108,10 +108,11 @@ def test_public_api_without_torch():
   """The public API's names (README), importable without torch (kpjax itself never imports it)."""
   code = ('import sys, inspect\n'
           'from kpjax.model import CoordRegressionNetwork, KeyPointsModel, pool_unpool, init_variables\n'
+          'from kpjax.model import max_pool_2x2, max_unpool_2x2\n'
           'from kpjax import dsnt\nfrom kpjax.model import losses\n'
           'assert "torch" not in sys.modules, "kpjax imported torch"\n'
           'm = CoordRegressionNetwork(7)\n'
-          'assert (m.n_locations, m.width, m.num_stages) == (7, 1.0, 6)\n'
+          'assert (m.n_locations, m.width, m.num_stages, m.unpool) == (7, 1.0, 6, "mask")\n'
           'assert callable(losses.keypoint_loss) and callable(dsnt.dsnt)\n')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

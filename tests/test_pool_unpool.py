@@ -353,6 +353,7 @@ def test_unpool_drops_indices_outside_the_plane():
     ((2, 3, 1), (2, 3, 1), (4, 6), r'NHWC values \(B, h, w, C\)'),
     ((1, 2, 3, 1), (1, 2, 3, 2), (4, 6), r'integer indices of the values\' shape'),
     ((1, 2, 3, 1), 'float', (4, 6), r'integer indices of the values\' shape'),
+    ((1, 2, 3, 1), (1, 2, 3, 1), (1, 4, 6), r'output_size must be \(H, W\); got \(1, 4, 6\)'),
 ])
 def test_unpool_bad_arguments_raise(values, indices, size, match):
   v = jnp.zeros(values)

@@ -1,7 +1,8 @@
 """torch's MaxPool2d(2, 2) + MaxUnpool2d(2, 2) pair, which KPDEM applies after each of its first three blocks.
 
 The pair keeps full resolution: each 2x2 window's maximum stays where it is and the other three become 0.
-Two forms, equal bit for bit (values and gradients):
+Two forms, equal bit for bit, values and gradients (one exception: where the cotangent is -0 at a kept
+element, the scatter form's gradient is +0, as torch's is, and the fused form's -0; equal as numbers):
 
 * `pool_unpool(x)`, the fused default ('mask'): one elementwise pass that keeps the chosen element of every
   window where it is;
@@ -117,6 +118,8 @@ def max_unpool_2x2(values: jax.Array, indices: jax.Array, output_size: tuple[int
     raise ValueError(f'max_unpool_2x2 needs integer indices of the values\' shape {values.shape}; '
                      f'got {indices.dtype} {indices.shape}')
   b, hp, wp, c = values.shape
+  if len(output_size) != 2:
+    raise ValueError(f'max_unpool_2x2 output_size must be (H, W); got {output_size!r}')
   height, width = (int(s) for s in output_size)
   if abs(height - 2 * hp) > 1 or abs(width - 2 * wp) > 1:
     raise ValueError(f'max_unpool_2x2 output_size must be within 1 of twice the pooled size {hp}x{wp} '
