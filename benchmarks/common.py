@@ -32,6 +32,7 @@ from kpjax.model import layers
 BUSY_CORES = 0.15
 DTYPES = ('float32', 'bfloat16')
 CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
+UNPOOLS = ('mask', 'scatter')  # kpjax.model.pooling.UNPOOLS (not imported here: that would import JAX)
 
 
 # ---- Flags ------------------------------------------------------------------------------------------
@@ -106,7 +107,8 @@ class Workload:
   """One network, input and batch to time: what every candidate builds from.
 
   size: square input side in pixels; batch: images per step; dtype: kpjax's compute dtype (torch runs
-  bfloat16 under autocast); remat: kpjax's jax.checkpoint per block (torch has none).
+  bfloat16 under autocast); remat: kpjax's jax.checkpoint per block (torch has none); unpool: kpjax's
+  config.model.unpool, 'mask' (the fused pool_unpool) or 'scatter' (max_pool_2x2 + max_unpool_2x2).
   """
   category: str = 'trousers'
   size: int = 48
@@ -117,6 +119,7 @@ class Workload:
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
   conv_algorithm: str = 'auto'
+  unpool: str = 'mask'
 
   @property
   def n_locations(self) -> int:
@@ -159,6 +162,7 @@ def kpjax_config(w: Workload):
   config.model.width = w.width
   config.model.num_stages = w.num_stages
   config.model.conv_algorithm = w.conv_algorithm
+  config.model.unpool = w.unpool
   config.compute_dtype = w.dtype
   config.remat = w.remat
   config.remat_policy = w.remat_policy
@@ -571,15 +575,30 @@ def comparison_parser(doc: str, *, remat: bool) -> ArgumentParser:
                    help='kpjax with remat=True (jax.checkpoint per block); torch runs without (the original has none)')
   p.add_argument('--conv-algorithm', default='auto', choices=CONV_ALGORITHMS)
   p.add_argument('--compare-direct', action='store_true', help="also time kpjax with conv_algorithm='direct'")
+  p.add_argument('--unpool', choices=UNPOOLS + ('both',), default='mask',
+                 help="kpjax's pool + unpool pairs: 'mask' (fused, the default), 'scatter' (max_pool_2x2 + "
+                      "max_unpool_2x2), or 'both' (one row each, and their ratio)")
   p.add_argument('--no-torch', action='store_true', help='time kpjax only')
   p.add_argument('--no-peak', action='store_true', help='skip measuring the machine peak')
+  add_timing_args(p)
+  return p
+
+
+def add_timing_args(p: argparse.ArgumentParser, *, warmup: int = 2) -> None:
+  """The flags of time_interleaved: --repeats, --warmup, --min-quiet, --quiet-wait-s."""
   p.add_argument('--repeats', type=positive_int, default=5, help='timed rounds at least (default 5)')
-  p.add_argument('--warmup', type=non_negative_int, default=2, help='untimed calls first (default 2)')
+  p.add_argument('--warmup', type=non_negative_int, default=warmup, help=f'untimed calls first (default {warmup})')
   p.add_argument('--min-quiet', type=non_negative_int, default=2,
                  help='extra rounds (up to 3x --repeats) until each candidate has this many quiet samples')
   p.add_argument('--quiet-wait-s', type=non_negative_float, default=60.0,
                  help='before each round wait up to this long for other processes to go quiet (0: do not)')
-  return p
+
+
+def kpjax_row_name(w: Workload, direct: bool = False) -> str:
+  """'kpjax', with what differs from its defaults in brackets: 'kpjax (direct convs, scatter unpool, remat)'."""
+  notes = (['direct convs'] if direct else []) + (['scatter unpool'] if w.unpool == 'scatter' else []) + (
+      ['remat'] if w.remat else [])
+  return 'kpjax' + (f' ({", ".join(notes)})' if notes else '')
 
 
 def dtypes_to_time(requested: str | None, backend: str) -> list[str]:
@@ -593,9 +612,11 @@ def dtypes_to_time(requested: str | None, backend: str) -> list[str]:
 def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
                    kpjax_candidate: Callable[[Workload], Candidate],
                    torch_candidate: Callable[[Workload, object, str], Candidate]) -> None:
-  """Times kpjax (and `--compare-direct`, and torch unless `--no-torch`) on `args`' workload; prints a
-  header, the machine peak, a markdown table (first column titled `task`) and one kpjax/torch ratio line
-  per dtype, naming the machine. flops(workload): the FLOPs one call is credited with."""
+  """Times kpjax (in each `--unpool` form, each also with direct convolutions under `--compare-direct`,
+  and torch unless `--no-torch`) on `args`' workload; prints a header, the machine peak, a markdown table
+  (first column titled `task`), and per dtype one kpjax/torch ratio line (kpjax in the first --unpool
+  form) and, with `--unpool both`, one scatter/mask line; each names the machine. flops(workload): the
+  FLOPs one call is credited with."""
   import jax  # pylint: disable=g-import-not-at-top
   backend = jax.default_backend()
   device = jax.devices()[0]
@@ -622,14 +643,17 @@ def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
       else:
         print(f'# no data-sheet peak known for {device.device_kind}: the % of peak column stays empty')
 
-  kpjax_name = 'kpjax (remat)' if base.remat else 'kpjax'
-  direct_name = 'kpjax (direct convs, remat)' if base.remat else 'kpjax (direct convs)'
+  unpools = list(UNPOOLS) if args.unpool == 'both' else [args.unpool]
+  title = f'{task[0].upper()}{task[1:]}'
   rows, ratios = [], []
   for dtype in dtypes_to_time(args.dtype, backend):
-    w = base.replace(dtype=dtype)
-    candidates = {kpjax_name: kpjax_candidate(w)}
-    if args.compare_direct and w.conv_algorithm != 'direct':
-      candidates[direct_name] = kpjax_candidate(w.replace(conv_algorithm='direct'))
+    candidates = {}
+    for unpool in unpools:
+      w = base.replace(dtype=dtype, unpool=unpool)
+      candidates[kpjax_row_name(w)] = kpjax_candidate(w)
+      if args.compare_direct and w.conv_algorithm != 'direct':
+        candidates[kpjax_row_name(w, direct=True)] = kpjax_candidate(w.replace(conv_algorithm='direct'))
+    kpjax_name = kpjax_row_name(base.replace(unpool=unpools[0]))
     if torch is not None:
       candidates['torch'] = torch_candidate(w, torch, torch_device(torch))
     timings = time_interleaved({name: c.run for name, c in candidates.items()}, repeats=args.repeats,
@@ -641,10 +665,16 @@ def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
                    share, f'{t.quiet}/{len(t.seconds)}'])
     if 'torch' in timings:
       kp, tt = timings[kpjax_name].best, timings['torch'].best
-      ratios.append(f'{task[0].upper()}{task[1:]} on {machine}: kpjax/torch speed ratio ({dtype}): {tt / kp:.2f}x '
+      ratios.append(f'{title} on {machine}: kpjax/torch speed ratio ({dtype}): {tt / kp:.2f}x '
                     f'(kpjax {kp:.4g} s/step, torch {tt:.4g} s/step).')
+    if len(unpools) == 2:
+      mask, scatter = (timings[kpjax_row_name(base.replace(unpool=u))] for u in UNPOOLS)
+      ratios.append(f'{title} on {machine}: scatter/mask unpool time ratio ({dtype}): '
+                    f'{scatter.best / mask.best:.2f}x best, {scatter.median / mask.median:.2f}x median '
+                    f'(mask {mask.best:.4g} s/step best, {mask.median:.4g} median; scatter {scatter.best:.4g} '
+                    f'best, {scatter.median:.4g} median).')
   print()
-  print(f'{task[0].upper()}{task[1:]}, {base.describe()}, on {machine}; {versions}:')
+  print(f'{title}, {base.describe()}, on {machine}; {versions}:')
   print()
   print(format_table([task, 'dtype', 's/step (best)', 's/step (median)', 'images/s', 'GFLOP/s', '% of peak',
                       'quiet samples'], rows))

@@ -10,17 +10,24 @@ what it finished):
    before JAX allocates anything (so neither allocator holds memory the other needs): inference and a
    training step at 256x256, batch 8, float32 (cuDNN runs its convolutions on TF32 tensor cores, torch's
    default) and bfloat16 autocast;
-2. kpjax, the same four (jit, compiled ahead of time; float32 convolutions on TF32, XLA's default);
-3. kpjax's training step at 512x512 in bfloat16 with remat at the largest batch that fits: predicted from
+2. kpjax, the same four (jit, compiled ahead of time; float32 convolutions on TF32, XLA's default), each
+   with the fused pool + unpool ('mask', the default) and then, under --unpool both (the default), with
+   the 'scatter' form (max_pool_2x2 + max_unpool_2x2, config.model.unpool = 'scatter');
+3. the pool + unpool pair alone, mask against scatter, forward and forward + backward, bfloat16 and
+   float32, at --pool-shape (default (8, 256, 256, 64): what the first block hands its pool at 256x256,
+   batch 8; benchmarks/pool_unpool.py);
+4. kpjax's training step at 512x512 in bfloat16 with remat at the largest batch that fits: predicted from
    XLA's memory analysis at batch 1 and 2, then tried (out-of-memory errors caught) within --search-seconds;
    then timed.
 
 MFU = model FLOPs per step (the network's direct-convolution FLOPs, common.train_flops / forward_flops;
 remat's recomputation is not credited) / seconds per step / the card's dense data-sheet peak (TF32 for
 float32, bf16 for bfloat16), found by device name in common.ACCELERATOR_PEAKS_TFLOPS (H100, H200, ...);
---peak-tflops for another card. kpjax/torch ratio = torch's seconds per step / kpjax's. Memory: kpjax rows
-give XLA's planned bytes for one step and jax's allocator peak so far (rows run smallest first, so it is
-that row's); torch rows torch.cuda.max_memory_allocated() for that row.
+--peak-tflops for another card. kpjax/torch ratio = torch's seconds per step / kpjax's (kpjax with the
+mask unpool); scatter/mask ratio = the scatter row's seconds per step / the mask row's. Memory: kpjax rows
+give XLA's planned bytes for one step and jax's allocator peak so far (rows run smallest first, a scatter
+row right after its mask row, so it is that row's, or its mask row's where that was larger); torch rows
+torch.cuda.max_memory_allocated() for that row.
 
 Needs jax with CUDA, flax, optax, ml-collections and numpy for kpjax; torch with CUDA and dsntnn for the
 original (--no-torch without). Not grain, TensorFlow Datasets or orbax. JAX allocates as it goes
@@ -47,6 +54,7 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import pool_unpool  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GB = 1e9
 TASK_FLOPS = {'train': common.Workload.train_flops, 'inference': common.Workload.forward_flops}
@@ -72,6 +80,8 @@ class Plan:
   budget_seconds: float
   on_cpu: bool  # --tiny: JAX and torch on the CPU
   memory_bytes: float | None  # the search's memory limit when the device reports none
+  unpools: tuple[str, ...]  # kpjax's side-by-side rows run with each (config.model.unpool)
+  pool_shape: tuple[int, int, int, int]  # the pool + unpool part's NHWC shape
 
   def workload(self, **changes) -> common.Workload:
     fields = dict(category=self.category, size=self.small, batch=self.batch, width=self.width,
@@ -82,6 +92,10 @@ class Plan:
   def side_by_side(self) -> list[tuple[str, common.Workload]]:
     """(task, workload) of the rows both sides run, smallest memory first."""
     return [(task, self.workload(dtype=dtype)) for task in ('inference', 'train') for dtype in ('bfloat16', 'float32')]
+
+  def kpjax_side(self) -> list[tuple[str, common.Workload]]:
+    """side_by_side's rows in each of `unpools`' forms, a row's forms one after the other."""
+    return [(task, w.replace(unpool=unpool)) for task, w in self.side_by_side() for unpool in self.unpools]
 
   def searched(self) -> common.Workload:
     return self.workload(size=self.large, batch=1, dtype='bfloat16', remat=True)
@@ -110,6 +124,10 @@ def parse_args(argv=None):
   p.add_argument('--budget-seconds', type=common.positive_float, default=450.0,
                  help='parts not started by then are skipped, and said so (default 450)')
   p.add_argument('--repeats', type=common.positive_int, default=None, help='timed samples per row (default 5; tiny 2)')
+  p.add_argument('--unpool', choices=common.UNPOOLS + ('both',), default='both',
+                 help="kpjax's pool + unpool form in the side-by-side rows: mask, scatter or both (default)")
+  p.add_argument('--pool-shape', type=pool_unpool.nhwc_shape, default=None,
+                 help='B,H,W,C of the pool + unpool part (default 8,256,256,64; tiny 2,16,16,4)')
   args = p.parse_args(argv)
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     p.error(f'--out {args.out} exists and is not a directory')
@@ -117,15 +135,16 @@ def parse_args(argv=None):
 
 
 def make_plan(args) -> Plan:
+  unpools = common.UNPOOLS if args.unpool == 'both' else (args.unpool,)
   if args.tiny:
     return Plan(small=16, large=32, batch=args.batch or 2, width=1 / 16, num_stages=1, category='trousers',
                 repeats=args.repeats or 2, warmup=1, max_batch=args.max_batch or 4,
                 search_seconds=args.search_seconds, budget_seconds=args.budget_seconds, on_cpu=True,
-                memory_bytes=1 * GB)
+                memory_bytes=1 * GB, unpools=unpools, pool_shape=args.pool_shape or (2, 16, 16, 4))
   return Plan(small=256, large=512, batch=args.batch or 8, width=1.0, num_stages=6, category='trousers',
               repeats=args.repeats or 5, warmup=2, max_batch=args.max_batch or 256,
               search_seconds=args.search_seconds, budget_seconds=args.budget_seconds, on_cpu=False,
-              memory_bytes=None)
+              memory_bytes=None, unpools=unpools, pool_shape=args.pool_shape or pool_unpool.DEFAULT_SHAPE)
 
 
 # ---- Figures ----------------------------------------------------------------------------------------
@@ -134,27 +153,44 @@ def make_plan(args) -> Plan:
 def figures(task: str, side: str, w: common.Workload, seconds: float, median: float,
             peak_tflops: dict[str, float] | None) -> dict:
   """One row: the workload, seconds per step, images/s, model TFLOP per step and per second, and MFU
-  (model FLOPs / seconds / dense peak for the dtype; None without a peak)."""
+  (model FLOPs / seconds / dense peak for the dtype; None without a peak). unpool: kpjax's form (None for
+  torch)."""
   flops = TASK_FLOPS[task](w)
   mfu = None if peak_tflops is None else flops / seconds / (peak_tflops[w.dtype] * 1e12)
   return {'task': task, 'side': side, 'size': w.size, 'batch': w.batch, 'dtype': w.dtype, 'remat': w.remat,
-          'width': w.width, 'num_stages': w.num_stages, 's_per_step': seconds, 's_per_step_median': median,
+          'unpool': w.unpool if side == 'kpjax' else None, 'width': w.width, 'num_stages': w.num_stages,
+          's_per_step': seconds, 's_per_step_median': median,
           'images_per_s': w.batch / seconds, 'tflop_per_step': flops / 1e12,
           'tflop_per_s': flops / seconds / 1e12, 'mfu': mfu}
 
 
+def _key(r: dict) -> tuple:
+  return (r['task'], r['size'], r['batch'], r['dtype'], r['remat'])
+
+
+def _kpjax_rows(rows: list[dict], unpool: str) -> dict[tuple, dict]:
+  return {_key(r): r for r in rows if r['side'] == 'kpjax' and r.get('unpool', 'mask') == unpool and 's_per_step' in r}
+
+
 def ratios(rows: list[dict]) -> list[dict]:
-  """torch's s/step / kpjax's for every (task, size, batch, dtype) both sides ran."""
-  def key(r):
-    return (r['task'], r['size'], r['batch'], r['dtype'], r['remat'])
-  kpjax = {key(r): r for r in rows if r['side'] == 'kpjax'}
+  """torch's s/step / kpjax's (the mask unpool's) for every (task, size, batch, dtype) both sides ran."""
+  kpjax = _kpjax_rows(rows, 'mask')
   out = []
   for r in rows:
-    if r['side'] == 'torch' and 's_per_step' in r and key(r) in kpjax:
-      k = kpjax[key(r)]
+    if r['side'] == 'torch' and 's_per_step' in r and _key(r) in kpjax:
+      k = kpjax[_key(r)]
       out.append({'task': r['task'], 'size': r['size'], 'batch': r['batch'], 'dtype': r['dtype'],
                   'kpjax_over_torch': r['s_per_step'] / k['s_per_step']})
   return out
+
+
+def unpool_ratios(rows: list[dict]) -> list[dict]:
+  """kpjax's scatter s/step / its mask s/step (best and median) for every workload run both ways."""
+  mask = _kpjax_rows(rows, 'mask')
+  return [{'task': r['task'], 'size': r['size'], 'batch': r['batch'], 'dtype': r['dtype'],
+           'scatter_over_mask': r['s_per_step'] / mask[_key(r)]['s_per_step'],
+           'scatter_over_mask_median': r['s_per_step_median'] / mask[_key(r)]['s_per_step_median']}
+          for key, r in _kpjax_rows(rows, 'scatter').items() if key in mask]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -319,7 +355,8 @@ def _fmt(value, spec: str, empty: str = '-') -> str:
 
 
 def markdown(report: dict) -> str:
-  """docs/performance.md's GPU table, its ratio lines and the batch search, from the JSON report."""
+  """docs/performance.md's GPU table, its ratio lines, the pool + unpool table and the batch search, from the
+  JSON report."""
   lines = [f"kpjax and the PyTorch original on {report['device']} ({report['date']}; jax {report['jax']}"
            + (f", torch {report['torch']}" if report.get('torch') else '') + '). MFU: model FLOPs / time / '
            + ('dense data-sheet peak ' + ', '.join(f'{k} {v:g}' for k, v in report['peak_tflops'].items())
@@ -327,20 +364,29 @@ def markdown(report: dict) -> str:
   rows = []
   for r in report['rows']:
     remat = 'on' if r['remat'] else 'off'
+    unpool = r.get('unpool') or '-'
     if 'error' in r:
-      rows.append([r['task'], r['side'], f"{r['size']}x{r['size']}", r['batch'], r['dtype'], remat, r['error'],
-                   '', '', '', '', ''])
+      rows.append([r['task'], r['side'], unpool, f"{r['size']}x{r['size']}", r['batch'], r['dtype'], remat,
+                   r['error'], '', '', '', '', ''])
       continue
-    rows.append([r['task'], r['side'], f"{r['size']}x{r['size']}", r['batch'], r['dtype'], remat,
+    rows.append([r['task'], r['side'], unpool, f"{r['size']}x{r['size']}", r['batch'], r['dtype'], remat,
                  f"{r['s_per_step']:.4f}", f"{r['images_per_s']:.1f}", f"{r['tflop_per_s']:.1f}",
                  _fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f') + ('%' if r['mfu'] is not None else ''),
                  _fmt(r.get('xla_gb'), '.2f'), _fmt(r.get('device_peak_gb'), '.2f')])
-  lines.append(common.format_table(['task', 'side', 'input', 'batch', 'dtype', 'remat', 's/step', 'images/s',
-                                    'TFLOP/s', 'MFU', 'XLA plan GB', 'peak GB'], rows))
+  lines.append(common.format_table(['task', 'side', 'unpool', 'input', 'batch', 'dtype', 'remat', 's/step',
+                                    'images/s', 'TFLOP/s', 'MFU', 'XLA plan GB', 'peak GB'], rows))
   lines.append('')
   for r in report['ratios']:
     lines.append(f"{r['task']} {r['size']}x{r['size']} batch {r['batch']} {r['dtype']}: kpjax/torch speed ratio "
                  f"{r['kpjax_over_torch']:.2f}x")
+  for r in report.get('unpool_ratios', []):
+    lines.append(f"{r['task']} {r['size']}x{r['size']} batch {r['batch']} {r['dtype']}: kpjax scatter/mask unpool "
+                 f"time ratio {r['scatter_over_mask']:.2f}x (median {r['scatter_over_mask_median']:.2f}x)")
+  part = report.get('pool_unpool')
+  if part:
+    shape = 'x'.join(str(s) for s in part['shape'])
+    lines += ['', f'The pool + unpool pair alone, NHWC {shape}:', '', pool_unpool.table(part['rows']), '']
+    lines += pool_unpool.ratio_lines(part['ratios'], report['device'])
   search = report.get('batch_search')
   if search:
     tries = ', '.join(f"{t['batch']} {'fits' if t['fits'] else 'does not fit'}" for t in search['tries'])
@@ -356,6 +402,7 @@ def markdown(report: dict) -> str:
 def write(out_dir: str, report: dict) -> None:
   """gpu.json and gpu.md, each replaced in one step (a reader never sees half a file)."""
   report['ratios'] = ratios(report['rows'])
+  report['unpool_ratios'] = unpool_ratios(report['rows'])
   for name, text in (('gpu.json', json.dumps(report, indent=1) + '\n'), ('gpu.md', markdown(report))):
     tmp = os.path.join(out_dir, f'.{name}.tmp')
     with open(tmp, 'w') as f:
@@ -387,7 +434,8 @@ def main(argv=None) -> dict:
             'cpu': common.machine_description(), 'python': platform.python_version(), 'peak_tflops': None,
             'env': {k: os.environ.get(k) for k in ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION',
                                                    'XLA_FLAGS')},
-            'rows': [], 'ratios': [], 'batch_search': None, 'notes': [], 'seconds': None}
+            'rows': [], 'ratios': [], 'unpool_ratios': [], 'pool_unpool': None, 'batch_search': None, 'notes': [],
+            'seconds': None}
 
   def elapsed() -> float:
     return time.monotonic() - start
@@ -413,19 +461,34 @@ def main(argv=None) -> dict:
   write(args.out, report)
 
   with jax.default_device(device):
-    for task, w in plan.side_by_side():
+    for task, w in plan.kpjax_side():
       if elapsed() > plan.budget_seconds:
-        report['notes'].append(f'kpjax {task} {w.size}x{w.size} {w.dtype} skipped: past --budget-seconds')
+        report['notes'].append(f'kpjax {task} {w.size}x{w.size} {w.dtype} {w.unpool} unpool skipped: past '
+                               '--budget-seconds')
         continue
-      print(f'# kpjax {task} {w.size}x{w.size} batch {w.batch} {w.dtype} ...', flush=True)
+      print(f'# kpjax {task} {w.size}x{w.size} batch {w.batch} {w.dtype} {w.unpool} unpool ...', flush=True)
       try:
         report['rows'].append(kpjax_row(task, w, kpjax_candidate(task, w), device, peak, repeats=plan.repeats,
                                         warmup=plan.warmup))
       except Exception as e:  # pylint: disable=broad-except
         if not is_out_of_memory(e):
           raise
-        report['rows'].append({'task': task, 'side': 'kpjax', 'size': w.size, 'batch': w.batch, 'dtype': w.dtype,
-                               'remat': w.remat, 'error': f'out of memory: {str(e).splitlines()[0][:200]}'})
+        report['rows'].append({'task': task, 'side': 'kpjax', 'unpool': w.unpool, 'size': w.size, 'batch': w.batch,
+                               'dtype': w.dtype, 'remat': w.remat,
+                               'error': f'out of memory: {str(e).splitlines()[0][:200]}'})
+      gc.collect()
+      write(args.out, report)
+    if elapsed() > plan.budget_seconds:
+      report['notes'].append('the pool + unpool part skipped: past --budget-seconds')
+    else:
+      print(f'# pool + unpool alone {plan.pool_shape}, mask vs scatter ...', flush=True)
+      part = {'shape': list(plan.pool_shape), 'rows': [], 'ratios': []}
+      for dtype in ('bfloat16', 'float32'):
+        rows, pair_ratios = pool_unpool.measure(plan.pool_shape, dtype, repeats=plan.repeats, warmup=plan.warmup,
+                                                min_quiet=0, quiet_wait_s=0, verbose=False)
+        part['rows'] += rows
+        part['ratios'] += pair_ratios
+      report['pool_unpool'] = part
       gc.collect()
       write(args.out, report)
     remaining = min(plan.search_seconds, plan.budget_seconds - elapsed())

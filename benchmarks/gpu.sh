@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU figures for docs/performance.md (benchmarks/gpu.py): kpjax's training step and inference against the PyTorch
-# original on one H100/H200, in under 8 minutes. Writes OUT_DIR/gpu.json and OUT_DIR/gpu.md.
+# GPU figures for docs/performance.md (benchmarks/gpu.py): kpjax's training step and inference (with the fused 'mask'
+# and the 'scatter' pool + unpool) against the PyTorch original on one H100/H200, the pool + unpool pair alone
+# (mask vs scatter), and the largest 512x512 batch, in under 8 minutes (--budget-seconds bounds it). Writes
+# OUT_DIR/gpu.json and OUT_DIR/gpu.md.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR] [gpu.py flags ...]     # OUT_DIR defaults to gpu_figures
 #

@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   # max-pooled, 'auto' elsewhere); '' = the preprocessing's default: 'auto' for 'kpjax', 'direct-pooled'
   # for 'kpdem' (converted models: see docs/converting.md on max-pool ties). The parameters are the same whichever.
   config.model.conv_algorithm = ''
+  # Each max-pool + max-unpool pair (kpjax.model.pooling): 'mask' (pool_unpool, one fused elementwise pass)
+  # or 'scatter' (max_pool_2x2's indices, then max_unpool_2x2's scatter, torch's own pair). The same bits,
+  # outputs and gradients, and the same parameters, either way; 'mask' is the faster.
+  config.model.unpool = 'mask'
   config.compute_dtype = 'float32'  # 'bfloat16' on GPU/TPU; params, softmax, DSNT, loss stay f32
   config.remat = False  # jax.checkpoint each block (less memory, ~1/3 more compute)
   config.remat_policy = 'nothing_saveable'  # a jax.checkpoint_policies name

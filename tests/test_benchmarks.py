@@ -16,6 +16,7 @@ from benchmarks import gpu
 from benchmarks import inference
 from benchmarks import input_pipeline
 from benchmarks import memory
+from benchmarks import pool_unpool
 from benchmarks import train_step
 import train_fixture as fx
 from kpjax.configs import base
@@ -52,12 +53,19 @@ def _error_line(capsys, run, argv):
 def test_train_step_prints_table_machine_and_ratio(capsys):
   pytest.importorskip('torch')
   pytest.importorskip('dsntnn')
-  train_step.main(TINY + ['--remat'])
+  train_step.main(TINY + ['--remat', '--unpool', 'both'])
   out = capsys.readouterr().out
   rows = _table_rows(out)
   kp, torch_row = rows['kpjax (remat)'], rows['torch']  # --remat is honoured, and the row says so
-  assert kp[1] == torch_row[1] == 'float32'
-  assert float(kp[2]) > 0 and float(torch_row[2]) > 0
+  scatter = rows['kpjax (scatter unpool, remat)']  # --unpool both: the scatter form too
+  assert kp[1] == torch_row[1] == scatter[1] == 'float32'
+  assert float(kp[2]) > 0 and float(torch_row[2]) > 0 and float(scatter[2]) > 0
+  number = r'([0-9.e-]+)'
+  unpool = re.search(rf'on (.+): scatter/mask unpool time ratio \(float32\): {number}x best, {number}x median '
+                     rf'\(mask {number} s/step best, {number} median; scatter {number} best, {number} median\)', out)
+  assert unpool and common.cpu_model() in unpool.group(1)
+  assert [float(unpool.group(i)) for i in (4, 5, 6, 7)] == [float(c) for c in kp[2:4] + scatter[2:4]]
+  assert float(unpool.group(2)) == pytest.approx(float(scatter[2]) / float(kp[2]), abs=0.006, rel=0.002)
   assert common.cpu_model() in out  # the table names the CPU
   ratio = re.search(r'on (.+): kpjax/torch speed ratio \(float32\): ([0-9.]+)x \(kpjax ([0-9.]+) s/step, '
                     r'torch ([0-9.]+) s/step\)', out)
@@ -69,12 +77,13 @@ def test_train_step_prints_table_machine_and_ratio(capsys):
 def test_inference_times_forward_and_rejects_remat(capsys):
   pytest.importorskip('torch')
   pytest.importorskip('dsntnn')
-  inference.main(TINY + ['--no-torch'])
+  inference.main(TINY + ['--no-torch', '--unpool', 'scatter'])
   out = capsys.readouterr().out
   assert 'kpjax inference (forward) vs PyTorch' in out
   w = common.Workload(size=16, batch=2, width=0.0625, num_stages=1)
   assert f'{w.forward_flops() / 1e9:.1f} GFLOP per step' in out
-  assert float(_table_rows(out)['kpjax'][2]) > 0
+  rows = _table_rows(out)
+  assert float(rows['kpjax (scatter unpool)'][2]) > 0 and 'kpjax' not in rows  # the scatter form only
   err = _error_line(capsys, inference.main, TINY + ['--remat'])
   assert '--remat' in err
 
@@ -91,7 +100,7 @@ def test_help_describes_each_script(capsys):
 
 
 @pytest.mark.parametrize('argv', [['--size', '21'], ['--batch', '0'], ['--num-stages', '7'], ['--width', '-1'],
-                                  ['--category', 'hats'], ['--dtype', 'float16']])
+                                  ['--category', 'hats'], ['--dtype', 'float16'], ['--unpool', 'gather']])
 def test_comparison_flag_errors(capsys, argv):
   _error_line(capsys, train_step.main, argv)
 
@@ -102,6 +111,37 @@ def test_input_sides_are_the_networks():
   for side in ('21', '0', '-4', 'x'):
     with pytest.raises(argparse.ArgumentTypeError):
       common.input_size(side)
+
+
+def test_kpjax_config_runs_the_workloads_unpool():
+  from kpjax.model import pooling  # pylint: disable=g-import-not-at-top
+  from kpjax.train import step as ts  # pylint: disable=g-import-not-at-top
+  assert common.UNPOOLS == pooling.UNPOOLS  # common keeps its own copy so that it imports no JAX
+  for unpool in common.UNPOOLS:
+    w = common.Workload(size=16, batch=2, width=0.0625, num_stages=1, unpool=unpool)
+    assert ts.build_model(common.kpjax_config(w)).unpool == unpool
+
+
+def test_pool_unpool_times_both_forms_and_passes(capsys):
+  pool_unpool.main(['--shape', '2,8,6,3', '--dtype', 'both', '--repeats', '1', '--warmup', '0', '--min-quiet', '0',
+                    '--quiet-wait-s', '0'])
+  out = capsys.readouterr().out
+  rows = [line.split('|')[1:-1] for line in out.splitlines() if line.startswith('| ') and 'unpool' not in line]
+  cells = {(r[0].strip(), r[1].strip(), r[2].strip()): [float(c) for c in r[3:]] for r in rows}
+  assert set(cells) == {(u, p, d) for u in common.UNPOOLS for p in pool_unpool.PASSES for d in common.DTYPES}
+  assert all(best > 0 and median >= best and gbs > 0 for best, median, gbs in cells.values())
+  for what in pool_unpool.PASSES:
+    for dtype in common.DTYPES:
+      ratio = re.search(rf'pool/unpool {re.escape(what)} \({dtype}\) on .*: scatter/mask time ratio ([0-9.]+)x best',
+                        out)
+      want = cells[('scatter', what, dtype)][0] / cells[('mask', what, dtype)][0]
+      assert ratio and float(ratio.group(1)) == pytest.approx(want, rel=0.02, abs=0.006)
+  arrays = {'forward': 2, 'forward + backward': 4}
+  for (_, what, dtype), (best, _, gbs) in cells.items():  # GB/s: the arrays read and written once
+    itemsize = 2 if dtype == 'bfloat16' else 4
+    assert gbs == pytest.approx(arrays[what] * 2 * 8 * 6 * 3 * itemsize / 1e9 / best, rel=0.01)
+  _error_line(capsys, pool_unpool.main, ['--shape', '2,7,6,3'])
+  _error_line(capsys, pool_unpool.main, ['--shape', '2,8,6'])
 
 
 def test_memory_remat_keeps_less(capsys):
@@ -230,8 +270,9 @@ def test_gpu_tiny_run(tmp_path):
   assert report['tiny'] and report['peak_tflops'] == {'float32': 0.05, 'bfloat16': 0.1}
   assert not report['notes'], report['notes']
   rows = report['rows']
-  assert {(r['task'], r['side'], r['dtype']) for r in rows if r['size'] == 16} == {
-      (t, s, d) for t in ('train', 'inference') for s in ('kpjax', 'torch') for d in ('float32', 'bfloat16')}
+  assert sorted((r['task'], r['side'], r['dtype'], r['unpool'] or '') for r in rows if r['size'] == 16) == sorted(
+      [(t, 'torch', d, '') for t in ('train', 'inference') for d in ('float32', 'bfloat16')]
+      + [(t, 'kpjax', d, u) for t in ('train', 'inference') for d in ('float32', 'bfloat16') for u in common.UNPOOLS])
   for r in rows:
     w = common.Workload(size=r['size'], batch=r['batch'], width=r['width'], num_stages=r['num_stages'])
     flops = w.train_flops() if r['task'] == 'train' else w.forward_flops()
@@ -241,17 +282,25 @@ def test_gpu_tiny_run(tmp_path):
     assert r['images_per_s'] == pytest.approx(r['batch'] / r['s_per_step'])
     if r['side'] == 'kpjax':
       assert r['compile_s'] > 0 and r['xla_gb'] > 0
-  assert len(report['ratios']) == 4
-  for ratio in report['ratios']:
-    pair = {r['side']: r for r in rows if (r['task'], r['size'], r['dtype']) == (ratio['task'], ratio['size'],
-                                                                                   ratio['dtype'])}
-    assert ratio['kpjax_over_torch'] == pytest.approx(pair['torch']['s_per_step'] / pair['kpjax']['s_per_step'])
+  assert len(report['ratios']) == len(report['unpool_ratios']) == 4
+  for ratio in report['ratios'] + report['unpool_ratios']:
+    same = {r['unpool'] or r['side']: r for r in rows if (r['task'], r['size'], r['dtype']) == (
+        ratio['task'], ratio['size'], ratio['dtype'])}
+    if 'kpjax_over_torch' in ratio:  # against the fused (mask) form
+      assert ratio['kpjax_over_torch'] == pytest.approx(same['torch']['s_per_step'] / same['mask']['s_per_step'])
+    else:
+      assert ratio['scatter_over_mask'] == pytest.approx(same['scatter']['s_per_step'] / same['mask']['s_per_step'])
+  part = report['pool_unpool']
+  assert part['shape'] == [2, 16, 16, 4] and len(part['rows']) == 8 and len(part['ratios']) == 4
+  assert {(r['unpool'], r['pass'], r['dtype']) for r in part['rows']} == {
+      (u, p, d) for u in common.UNPOOLS for p in pool_unpool.PASSES for d in common.DTYPES}
   search = report['batch_search']
   searched = [r for r in rows if r['size'] == 32]
   assert search['largest_batch'] >= 1 and search['per_image_gb'] > 0
   assert len(searched) == 1 and searched[0]['batch'] == search['largest_batch'] and searched[0]['remat']
   markdown = (tmp_path / 'gpu.md').read_text()
   assert '| task' in markdown and 'kpjax/torch speed ratio' in markdown and 'largest batch that fits' in markdown
+  assert 'scatter/mask unpool time ratio' in markdown and 'The pool + unpool pair alone, NHWC 2x16x16x4' in markdown
 
 
 def test_gpu_refuses_without_a_gpu_or_with_bad_flags(capsys, tmp_path, monkeypatch):

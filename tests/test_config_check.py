@@ -44,6 +44,7 @@ def test_every_rule_and_resumable_field_names_a_field_of_the_base_config():
     ('model__num_stages', 7, 'an integer in 1..6'),
     ('model__width', -1.0, 'a positive number'),
     ('model__conv_algorithm', 'fft', "'' (the preprocessing convention's default) or one of"),
+    ('model__unpool', 'gather', 'one of mask, scatter'),
     ('category', 'hats', 'one of blouse, dress, outwear, skirt, trousers'),
     ('augment__scale', (1.25, 0.75), '(lo, hi) with 0 < lo <= hi'),
     ('augment__color_jitter', 1.0, 'a number in [0, 1)'),
@@ -93,7 +94,7 @@ def test_resume_accepts_the_same_config_and_every_resumable_change():
   config_check.check_resume(stored, base.get_config())
   changed = _config(stop_at_step=10, log_every_steps=7, eval_every_steps=9, keep_checkpoints=1,
                     data__worker_count=3, data__num_threads=4, data__num_eval_images=5, remat=True,
-                    model__conv_algorithm='direct', init_backbone='vgg19.pth')
+                    model__conv_algorithm='direct', model__unpool='scatter', init_backbone='vgg19.pth')
   config_check.check_resume(stored, changed)
 
 

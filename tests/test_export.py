@@ -125,6 +125,7 @@ def test_onnx_pool_unpool_keeps_the_first_maximum_of_ties_as_kpjax_does():
   ort = pytest.importorskip('onnxruntime')
   onnx = pytest.importorskip('onnx')
   from kpjax.export import onnx_graph as export_onnx
+  from kpjax.model import pool_unpool
   g = export_onnx._Graph()  # pylint: disable=protected-access
   y = g.pool_unpool('x', 'p')
   shape = ['batch', 4, 8, 8]
@@ -135,7 +136,7 @@ def test_onnx_pool_unpool_keeps_the_first_maximum_of_ties_as_kpjax_does():
   session = ort.InferenceSession(proto.SerializeToString(), providers=['CPUExecutionProvider'])
   x = np.random.default_rng(0).integers(0, 3, (3, 4, 8, 8)).astype(np.float32)  # ~half the windows tie
   x[0, 0] = 1.0  # every window a four-way tie
-  want = np.asarray(model_lib.pool_unpool(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+  want = np.asarray(pool_unpool(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
   np.testing.assert_array_equal(session.run(None, {'x': x})[0], want)
   assert (want[0, 0, 0::2, 0::2] == 1).all() and (want[0, 0, 1::2] == 0).all()
 

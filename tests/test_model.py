@@ -108,10 +108,11 @@ def test_public_api_without_torch():
   """The public API's names (other code relies on them), importable without torch (kpjax itself never imports it)."""
   code = ('import sys, inspect\n'
           'from kpjax.model import CoordRegressionNetwork, KeyPointsModel, pool_unpool, init_variables\n'
+          'from kpjax.model import max_pool_2x2, max_unpool_2x2\n'
           'from kpjax import dsnt\nfrom kpjax.model import losses\n'
           'assert "torch" not in sys.modules, "kpjax imported torch"\n'
           'm = CoordRegressionNetwork(7)\n'
-          'assert (m.n_locations, m.width, m.num_stages) == (7, 1.0, 6)\n'
+          'assert (m.n_locations, m.width, m.num_stages, m.unpool) == (7, 1.0, 6, "mask")\n'
           'assert callable(losses.keypoint_loss) and callable(dsnt.dsnt)\n')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -332,6 +333,7 @@ def test_bad_images_raise_clear_errors(shape, match):
     (dict(width=-0.5), r'width must be positive; got -0\.5'),
     (dict(n_locations=0), r'n_locations must be at least 1; got 0'),
     (dict(remat=True, remat_policy='no_such_policy'), r"unknown remat_policy 'no_such_policy'"),
+    (dict(unpool='gather'), r"unpool must be one of \('mask', 'scatter'\); got 'gather'"),
 ])
 def test_bad_model_settings_raise_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -403,3 +405,38 @@ def test_bfloat16_runs_and_stays_close_to_float32():
   np.testing.assert_allclose(np.asarray(coords16), np.asarray(coords32), atol=0.05)
   tv = 0.5 * np.abs(np.asarray(heatmaps16) - np.asarray(heatmaps32)).sum((-1, -2))
   assert tv.max() <= 0.2, tv
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_scatter_unpool_gives_the_same_parameters_outputs_and_gradients(dtype):
+  """unpool='scatter' (max_pool_2x2 + max_unpool_2x2) and the fused 'mask': the same parameters, and bit for bit
+  the same coords, heatmaps, loss and gradients (every parameter leaf and the images), on images with flat
+  regions, where whole pooling windows tie."""
+  n_locations, size = 4, 16
+  rng = np.random.default_rng(3)
+  images = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+  images[0, : size // 2] = 0.5  # flat: the first pool's windows tie there
+  images[1, :, : size // 2] = 0.0
+  images, target = jnp.asarray(images), jnp.asarray(rng.uniform(-0.9, 0.9, (2, n_locations, 2)), jnp.float32)
+  results = []
+  for unpool in ('mask', 'scatter'):
+    model = CoordRegressionNetwork(n_locations, width=1 / 16, num_stages=1, dtype=dtype, unpool=unpool)
+    variables = kpmodel.init_variables(model, jax.random.key(0), size)
+
+    def loss_fn(params, images, model=model):
+      coords, heatmaps = model.apply({'params': params}, images)
+      return losses.keypoint_loss(coords, heatmaps, target)[0], (coords, heatmaps)
+
+    results.append((variables, jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
+        variables['params'], images)))
+  (mask_variables, mask_out), (scatter_variables, scatter_out) = results
+  for name, a, b in (('parameters', mask_variables, scatter_variables), ('outputs and gradients', mask_out,
+                                                                          scatter_out)):
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b, name
+    for x, y in zip(leaves_a, leaves_b):
+      x, y = np.atleast_1d(x), np.atleast_1d(y)
+      assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)), name
+  (_, (_, heatmaps)), (_, image_grads) = mask_out
+  assert np.all(np.isfinite(np.asarray(heatmaps))) and np.asarray(image_grads).any()

@@ -319,6 +319,22 @@ def _random_checkpoint(tmp_path, category, preprocessing='kpjax'):
   return _save(tmp_path, f'random-{category}', variables, category, preprocessing), net, variables
 
 
+def test_load_predictor_runs_the_configs_unpool(tmp_path):
+  """config.model.unpool reaches the network a config loads: 'scatter' there, the fused 'mask' without a
+  config; the same coordinates and heatmaps, bit for bit."""
+  from kpjax.configs import base  # pylint: disable=g-import-not-at-top
+  ckpt, _, _ = _random_checkpoint(tmp_path, 'skirt')
+  config = base.get_config()
+  config.category, config.input_size, config.model.width, config.model.num_stages = 'skirt', SIZE, 0.125, 1
+  config.model.unpool = 'scatter'
+  scatter_model, variables, _, _ = inference.load_predictor(ckpt, config)
+  mask_model = inference.load_predictor(ckpt)[0]
+  assert (scatter_model.unpool, mask_model.unpool) == ('scatter', 'mask')
+  x = np.random.default_rng(4).random((2, SIZE, SIZE, 3), np.float32)
+  for a, b in zip(jax.jit(scatter_model.apply)(variables, x), jax.jit(mask_model.apply)(variables, x)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_predict_equals_the_model_called_by_hand(tmp_path, capsys):
   """An 'all' model, categories from a test.csv, a batch size that leaves a padded batch, a broken file."""
   rng = np.random.default_rng(3)

@@ -44,6 +44,12 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
+def test_the_config_chooses_the_networks_unpool():
+  from kpjax.train import step as ts  # pylint: disable=g-import-not-at-top
+  assert ts.build_model(fx.tiny_config()).unpool == 'mask'
+  assert ts.build_model(fx.tiny_config(**{'model.unpool': 'scatter'})).unpool == 'scatter'
+
+
 def test_steps_lower_the_loss_on_a_fixed_batch():
   config = fx.tiny_config(learning_rate=3e-3, warmup_steps=0, schedule='constant')
   step, state = fx.step_and_state(config)

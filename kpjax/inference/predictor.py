@@ -109,9 +109,9 @@ def load_predictor(checkpoint_path: str, config=None, step: int | None = None):
   """(model, variables, spec, metadata) of a checkpoint, checked against `config` when one is given.
 
   The checkpoint's metadata decides the network and its input (`spec`); a config that describes
-  another model is an error rather than a silently different model. The config's compute_dtype and
-  model.conv_algorithm are used for the forward pass; without a config, float32 and the
-  convention's convolutions.
+  another model is an error rather than a silently different model. The config's compute_dtype,
+  model.conv_algorithm and model.unpool are used for the forward pass; without a config, float32, the
+  convention's convolutions and the fused ('mask') unpool.
   """
   variables, metadata = checkpoints.load_model(checkpoint_path, step=step)
   spec = checkpoints.check_metadata(metadata)
@@ -123,5 +123,5 @@ def load_predictor(checkpoint_path: str, config=None, step: int | None = None):
     raise SpecMismatch(f'the config does not describe the checkpoint {checkpoint_path}, a model of the keypoint set '
                        f'{spec.keypoint_set.describe()}: {e}') from None
   described.check_matches(spec, theirs=f'the checkpoint {checkpoint_path}')
-  model = spec.build(config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype))
+  model = spec.build(config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype), unpool=config.model.unpool)
   return model, variables, spec, metadata

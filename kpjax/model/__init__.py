@@ -2,7 +2,8 @@
 
     kpjax.model.CoordRegressionNetwork(n_locations, width=1.0, num_stages=6)   # the network
     kpjax.model.pool_unpool(x)                                                 # torch's pool + unpool pair
-    kpjax.model.max_pool_2x2(x) / kpjax.model.max_unpool_2x2(values, indices, (H, W))
+    kpjax.model.max_pool_2x2(x) -> (values, indices)                           # torch's MaxPool2d(2, 2) with indices
+    kpjax.model.max_unpool_2x2(values, indices, (H, W))                        # torch's MaxUnpool2d(2, 2), a scatter
 
 The names are resolved on first use, so that `kpjax.model.layers` (plain tables) imports without Flax.
 """
@@ -16,6 +17,8 @@ _PUBLIC = {
     'CoordRegressionNetwork': 'kpjax.model.network',
     'KeyPointsModel': 'kpjax.model.network',
     'init_variables': 'kpjax.model.network',
+    'max_pool_2x2': 'kpjax.model.pooling',
+    'max_unpool_2x2': 'kpjax.model.pooling',
     'pool_unpool': 'kpjax.model.pooling',
 }
 

@@ -17,7 +17,7 @@ from kpjax.model import conv as conv_lib
 from kpjax.model import dsnt
 from kpjax.model.layers import (BACKBONE, CONV_ALGORITHMS, HEATMAP_CHANNELS, Layer, MAX_STAGES, NO_RELU, STAGE1,
                                 INPUT_SIDE_RULE, refinement_stage, scaled_channels, valid_side)
-from kpjax.model.pooling import pool_unpool
+from kpjax.model import pooling
 
 
 def block_conv_algorithm(conv_algorithm: str, pooled: bool) -> str:
@@ -74,8 +74,9 @@ class ConvBlock(nn.Module):
 class KeyPointsModel(nn.Module):
   """The CPM backbone: (B, H, W, 3) -> 24 belief maps (B, H, W, 24) at full resolution.
 
-  Stage 1 is VGG blocks (pool_unpool after the first three) and conv6_*_CPM; each refinement stage
-  sees the previous belief maps concatenated with the backbone features (24 + 128 * width channels).
+  Stage 1 is VGG blocks (a max-pool + max-unpool pair after the first three, in the form `unpool` names:
+  see CoordRegressionNetwork) and conv6_*_CPM; each refinement stage sees the previous belief maps
+  concatenated with the backbone features (24 + 128 * width channels).
   """
   width: float = 1.0
   num_stages: int = MAX_STAGES
@@ -83,6 +84,7 @@ class KeyPointsModel(nn.Module):
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
   conv_algorithm: str = 'auto'
+  unpool: str = 'mask'
 
   @nn.compact
   def __call__(self, x):
@@ -95,6 +97,7 @@ class KeyPointsModel(nn.Module):
       return block_cls(layers=layers, width=self.width, dtype=self.dtype,
                        conv_algorithm=block_conv_algorithm(self.conv_algorithm, pooled), name=name)
 
+    pool_unpool = pooling.pool_unpool_fn(self.unpool)
     for i, spec in enumerate(BACKBONE):
       pooled = i < len(BACKBONE) - 1
       x = block(spec, pooled)(x)
@@ -135,6 +138,9 @@ class CoordRegressionNetwork(nn.Module):
       to PyTorch), 'winograd', or 'direct-pooled' ('direct' before the max-pools, 'auto' after them:
       pools decide ties as 'direct' does, see block_conv_algorithm); the parameters are the same
       whichever. See kpjax.model.conv.
+    unpool: how each max-pool + max-unpool pair runs: 'mask' (kpjax.model.pool_unpool, fused: one
+      elementwise pass) or 'scatter' (max_pool_2x2's values and indices scattered back by max_unpool_2x2,
+      torch's own pair). Both give the same bits, outputs and gradients; the parameters are the same.
   """
   n_locations: int
   width: float = 1.0
@@ -143,6 +149,7 @@ class CoordRegressionNetwork(nn.Module):
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
   conv_algorithm: str = 'auto'
+  unpool: str = 'mask'
 
   def setup(self):
     if not 1 <= self.num_stages <= MAX_STAGES:
@@ -155,8 +162,10 @@ class CoordRegressionNetwork(nn.Module):
       raise ValueError(f'unknown remat_policy {self.remat_policy!r}; expected a jax.checkpoint_policies name')
     if self.conv_algorithm not in CONV_ALGORITHMS:
       raise ValueError(f'conv_algorithm must be one of {CONV_ALGORITHMS}; got {self.conv_algorithm!r}')
+    if self.unpool not in pooling.UNPOOLS:
+      raise ValueError(f'unpool must be one of {pooling.UNPOOLS}; got {self.unpool!r}')
     self.fcn = KeyPointsModel(self.width, self.num_stages, self.dtype, self.remat, self.remat_policy,
-                              self.conv_algorithm)
+                              self.conv_algorithm, self.unpool)
     self.hm_conv = nn.Conv(self.n_locations, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
 
   def __call__(self, images):

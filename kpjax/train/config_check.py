@@ -20,6 +20,7 @@ from kpjax.data import keypoints
 from kpjax.data import kpdem
 from kpjax.errors import ConfigError
 from kpjax.model import layers
+from kpjax.model import pooling
 
 OPTIMIZERS = ('adam', 'rmsprop')
 SCHEDULES = ('cosine', 'step', 'constant')
@@ -84,6 +85,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('model.num_stages', lambda v: _is_int(v) and 1 <= v <= layers.MAX_STAGES, f"an integer in 1..{layers.MAX_STAGES}"),
     ('model.conv_algorithm', _one_of(('',) + layers.CONV_ALGORITHMS),
      f"'' (the preprocessing convention's default) or one of {', '.join(layers.CONV_ALGORITHMS)}"),
+    ('model.unpool', _one_of(pooling.UNPOOLS), f"one of {', '.join(pooling.UNPOOLS)} (how each pool + unpool runs)"),
     ('compute_dtype', _one_of(COMPUTE_DTYPES),
      f'one of {", ".join(COMPUTE_DTYPES)} (float16 is not supported: it needs loss scaling; use bfloat16)'),
     ('remat', lambda v: isinstance(v, bool), 'True or False'),
@@ -165,7 +167,7 @@ RESUMABLE = frozenset({
     'stop_at_step', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'num_vis_images', 'eval_batch_size', 'data.num_eval_images', 'data.worker_count', 'data.worker_buffer_size',
     'data.num_threads', 'data.data_dir', 'data.synthetic_dir', 'remat', 'remat_policy', 'model.conv_algorithm',
-    'init_from', 'init_backbone',  # ignored when resuming: the checkpoint wins
+    'model.unpool', 'init_from', 'init_backbone',  # the last two ignored when resuming: the checkpoint wins
 })
 
 

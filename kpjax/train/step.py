@@ -33,10 +33,10 @@ class TrainState(flax.struct.PyTreeNode):
 
 def build_model(config, keypoint_set=keypoints.FASHIONAI) -> CoordRegressionNetwork:
   """The network a (validated, kpjax.train.config_check) config trains on data of `keypoint_set`: its ModelSpec
-  with the config's compute dtype, remat and convolution algorithm ('' = the convention's default)."""
+  with the config's compute dtype, remat, convolution algorithm ('' = the convention's default) and unpool form."""
   return ModelSpec.from_config(config, keypoint_set).build(
       config.model.conv_algorithm, dtype=jnp.dtype(config.compute_dtype), remat=bool(config.remat),
-      remat_policy=config.remat_policy)
+      remat_policy=config.remat_policy, unpool=config.model.unpool)
 
 
 def make_schedule(config) -> optax.Schedule:
