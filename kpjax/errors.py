@@ -85,6 +85,10 @@ class ImageError(UserError):
   """An image that cannot be decoded (corrupt, truncated, not an image); the message names it."""
 
 
+class ImageTooLarge(ImageError):
+  """An image with more pixels than the decoder was told to accept (a decompression bomb, or just huge)."""
+
+
 class CsvFormatError(UserError):
   """A malformed FashionAI CSV file or row; the message says where and what was expected."""
 
