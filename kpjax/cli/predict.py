@@ -1,7 +1,7 @@
 """`python -m kpjax.predict`: keypoints for any images, as a FashionAI submission CSV (and drawings).
 
   python -m kpjax.predict --config configs/trousers.py --checkpoint DIR --images test/Images/trousers \\
-      --out preds.csv [--draw DIR] [--flip] [--batch-size 16] [--decimals N]
+      --out preds.csv [--json keypoints.json] [--draw DIR] [--flip] [--batch-size 16] [--decimals N]
   python -m kpjax.predict --config configs/all.py --checkpoint DIR --images test/Images \\
       --categories test/test.csv --out preds.csv
 
@@ -27,6 +27,9 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_argument('--images', nargs='+', required=True, metavar='PATH',
                       help='image files, folders (searched recursively) or glob patterns')
   parser.add_argument('--out', required=True, help='the submission CSV to write')
+  parser.add_argument('--json', metavar='OUT.json',
+                      help="also write every image's keypoints as JSON: unrounded pixels and each keypoint's "
+                           'confidence in [0, 1] (the answers kpjax.serve gives; docs/serving.md)')
   parser.add_argument('--draw', metavar='DIR', help='also write one PNG per image with its keypoints drawn')
   parser.add_argument('--flip', action='store_true',
                       help='average with the horizontally flipped image (left/right swapped back)')
@@ -55,7 +58,8 @@ def run(args) -> int:
     config_check.check_config(args.config, training=False)
   summary = prediction.predict_files(args.checkpoint, args.images, args.out, config=args.config, flip=args.flip,
                                      batch_size=args.batch_size, decimals=args.decimals, category=args.category,
-                                     categories_csv=args.categories, draw=args.draw, step=args.step)
+                                     categories_csv=args.categories, draw=args.draw, step=args.step,
+                                     json_out=args.json)
   return common.RUN_FAILED if summary.problems else common.OK
 
 

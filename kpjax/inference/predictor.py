@@ -19,11 +19,13 @@ from kpjax.data import keypoints as kp
 from kpjax.data.spec import ModelSpec
 from kpjax.inference import checkpoints
 from kpjax.inference import devices
+from kpjax.inference.confidence import keypoint_confidence
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def make_predict_fn(model, *, flip: bool = False, category: str | None = None, mesh=None) -> PredictFn:
+def make_predict_fn(model, *, flip: bool = False, category: str | None = None, mesh=None,
+                    confidence: bool = False) -> PredictFn:
   """A jitted `fn(variables, images (B, S, S, 3) f32) -> coords` in the model's output units.
 
   coords are (B, L, 2). With `flip`, the horizontally flipped batch runs too (one forward pass on 2B
@@ -31,6 +33,10 @@ def make_predict_fn(model, *, flip: bool = False, category: str | None = None, m
   left/right keypoints swapped back (`kp.flip_permutation(category)`) but x still in the flipped
   frame. `to_original` mirrors and averages such pairs in each original image's pixels, where the
   mirror is exact for both conventions (`IOConvention.flipped_to_original`).
+
+  With `confidence`, the fn returns (coords, confidence): confidence (B, L) float32 in [0, 1], each
+  keypoint's kpjax.inference.confidence.keypoint_confidence; with `flip`, the mean of the two views'
+  (the flipped view's keypoints swapped back as its coords are).
 
   With a `mesh` (kpjax.devices.make_mesh), the batch is split along its 'data' axis over every
   device and the variables replicated: pass images as a global array (devices.shard_batch; B a
@@ -45,24 +51,32 @@ def make_predict_fn(model, *, flip: bool = False, category: str | None = None, m
     if len(perm) != model.n_locations:
       raise ValueError(f'category {category} has {len(perm)} keypoints but the model predicts {model.n_locations}')
     perm = tuple(int(i) for i in perm)
-  return _compiled_predict(model, perm, mesh)
+  return _compiled_predict(model, perm, mesh, bool(confidence))
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_predict(model, perm: tuple[int, ...] | None, mesh) -> PredictFn:
-  """One jitted function per (model, flip permutation, mesh), so repeated evaluations do not recompile."""
+def _compiled_predict(model, perm: tuple[int, ...] | None, mesh, with_confidence: bool) -> PredictFn:
+  """One jitted function per (model, flip permutation, mesh, confidence), so repeated evaluations do not
+  recompile."""
 
   def predict(variables, images):
     if perm is None:
-      return model.apply(variables, images)[0]
+      coords, heatmaps = model.apply(variables, images)
+      return (coords, keypoint_confidence(heatmaps)) if with_confidence else coords
     b = images.shape[0]
-    coords = model.apply(variables, jnp.concatenate([images, images[:, :, ::-1]], axis=0))[0]
-    return jnp.stack([coords[:b], coords[b:][:, np.asarray(perm)]], axis=1)
+    coords, heatmaps = model.apply(variables, jnp.concatenate([images, images[:, :, ::-1]], axis=0))
+    idx = np.asarray(perm)
+    coords = jnp.stack([coords[:b], coords[b:][:, idx]], axis=1)
+    if not with_confidence:
+      return coords
+    views = keypoint_confidence(heatmaps)  # (2B, L); a flipped map's mass near its mean is the unflipped one's
+    return coords, 0.5 * (views[:b] + views[b:][:, idx])
 
   if mesh is None:
     return jax.jit(predict)
   rows = devices.batch_sharding(mesh)
-  return jax.jit(predict, in_shardings=(devices.replicated(mesh), rows), out_shardings=rows)
+  out = (rows, rows) if with_confidence else rows
+  return jax.jit(predict, in_shardings=(devices.replicated(mesh), rows), out_shardings=out)
 
 
 def to_24(coords, category: str) -> np.ndarray:
