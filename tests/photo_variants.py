@@ -102,10 +102,14 @@ def with_orientation(stored: np.ndarray, orientation: int, fmt: str, **options) 
   return encode(np.ascontiguousarray(stored), fmt, exif=exif, **options)
 
 
-def _junk(rng, shape) -> np.ndarray:
-  """Saturated random colours: what an RGBA file may hide under alpha 0 (a decoder that drops the alpha
-  shows them, and the colour detectors fire on them)."""
-  return (rng.integers(0, 2, shape) * 255).astype(np.uint8)
+def _junk(rng, shape, block: int = 25) -> np.ndarray:
+  """Blocks of pure red, green or blue: what an RGBA file may hide under alpha 0 (editors keep whatever was
+  there). A decoder that drops the alpha shows them, and at this size they survive the model's downscaling,
+  so the colour detectors fire on them."""
+  h, w = shape[:2]
+  blocks = np.eye(3, dtype=np.uint8)[rng.integers(0, 3, (-(-h // block), -(-w // block)))] * 255
+  junk = np.repeat(np.repeat(blocks, block, axis=0), block, axis=1)[:h, :w]
+  return junk if len(shape) == 3 else junk[..., 0]
 
 
 def colour_variants(photo: np.ndarray, seed: int = 0) -> dict[str, Variant]:
@@ -156,7 +160,7 @@ def grey_variants(photo: np.ndarray, seed: int = 0) -> dict[str, Variant]:
   return {
       'grey_rgb.png': Variant(encode(rgb, 'PNG'), rgb, True),
       'grey.png': Variant(encode(grey, 'PNG'), rgb, True),
-      'grey_alpha.png': Variant(encode(Image.fromarray(np.dstack([np.where(white, rng.integers(0, 256, grey.shape),
+      'grey_alpha.png': Variant(encode(Image.fromarray(np.dstack([np.where(white, _junk(rng, grey.shape),
                                                                             grey).astype(np.uint8),
                                                                    np.where(white, 0, 255).astype(np.uint8)]), 'LA'),
                                        'PNG'), rgb, True),
