@@ -21,6 +21,7 @@ from kpjax.data import keypoints as kp
 from kpjax.inference import prediction
 
 import photo_variants as pv
+import serve_fixture as sf
 import test_predict as tp
 
 EQUAL_PX = 0.01  # the same pixels in another batch row or shape: float32 rounding only (test_predict's JSON test)
@@ -38,7 +39,7 @@ def photos(tmp_path_factory):
       (root / folder / name).write_bytes(v.data)
   models = tmp_path_factory.mktemp('models')
   marker_model = tp._save(models, 'markers', tp.colour_detector_variables(pv.DETECTORS), 'skirt')
-  random_model, _, _ = tp._random_checkpoint(models, 'skirt')
+  random_model = sf.small_model(str(models / 'random-skirt'), 'skirt')
   truth = markers[list(pv.DETECTORS)]  # (4, 2): each skirt keypoint's marker
   return dict(root=root, colour=colour, grey=grey, marker_model=marker_model, random_model=random_model,
               truth=truth, tol=0.75 * max(pv.HEIGHT, pv.WIDTH) / tp.SIZE)

@@ -110,7 +110,11 @@ def run(args) -> int:
                            max_pending=args.max_pending)
   config = uvicorn.Config(app, log_level='info' if args.access_log else 'warning', access_log=args.access_log,
                           timeout_graceful_shutdown=5)
-  asyncio.run(_serve(uvicorn.Server(config), sock, _url(sock)))
+  try:
+    asyncio.run(_serve(uvicorn.Server(config), sock, _url(sock)))
+  except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: the normal way to stop
+    pass
+  print('kpjax.serve: stopped', flush=True)
   return common.OK
 
 

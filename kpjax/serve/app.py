@@ -83,26 +83,39 @@ def resolve_category(value: str | None, model_category: str, categories: tuple[s
   return value
 
 
-class BodyTooLarge:
-  """ASGI middleware: a request whose Content-Length is over the limit gets a JSON 413 before its body is
-  read. Bodies without a length (chunked) are counted as they arrive by Starlette's own limit
-  (Starlette(max_body_size=...)), whose 413 the app's handler answers in JSON as well."""
+class BodyLimit:
+  """ASGI middleware: a request body over `max_bytes` gets a JSON 413. A Content-Length over it is answered
+  at once, before the body is read; a body without one (chunked) is counted as the app reads it, and the
+  read that passes the limit raises a 413 the app answers like any other error."""
 
   def __init__(self, app, max_bytes: int):
     self.app = app
     self.max_bytes = max_bytes
 
   async def __call__(self, scope, receive, send):
-    if scope['type'] == 'http':
-      length = dict(scope['headers']).get(b'content-length', b'')
-      if length.isdigit() and int(length) > self.max_bytes:
-        await error_response(413, too_large_message(int(length), self.max_bytes))(scope, receive, send)
-        return
-    await self.app(scope, receive, send)
+    if scope['type'] != 'http':
+      await self.app(scope, receive, send)
+      return
+    length = dict(scope['headers']).get(b'content-length', b'')
+    if length.isdigit() and int(length) > self.max_bytes:
+      await error_response(413, too_large_message(int(length), self.max_bytes))(scope, receive, send)
+      return
+    received = 0
+
+    async def counted():
+      nonlocal received
+      message = await receive()
+      if message['type'] == 'http.request':
+        received += len(message.get('body', b''))
+        if received > self.max_bytes:
+          raise BadRequest(too_large_message(None, self.max_bytes), status_code=413)
+      return message
+
+    await self.app(scope, counted, send)
 
 
 def too_large_message(size: int | None, limit: int) -> str:
-  got = f'{size:,} bytes' if size is not None else 'more'
+  got = f'{size:,} bytes' if size is not None else f'over {limit:,} bytes'
   return f'the body is {got}; the server takes at most {limit:,} bytes ({limit / 2 ** 20:g} MB, --max-upload-mb)'
 
 
@@ -247,15 +260,13 @@ class Service:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-  """Every HTTPException (ours, 404, 405, Starlette's own 400 and 413) as JSON."""
+  """Every HTTPException (ours, 404, 405, Starlette's own 400s) as JSON."""
   status, message = exc.status_code, exc.detail
   if status == 404:
     message = (f'no such page: {request.method} {request.url.path}; the server answers GET /, POST /v1/predict, '
                'GET /v1/model, GET /healthz and GET /metrics')
   elif status == 405:
     message = f'{request.method} is not allowed on {request.url.path}; use {(exc.headers or {}).get("Allow", "GET")}'
-  elif status == 413 and not isinstance(exc, BadRequest):  # Starlette's streaming body limit
-    message = too_large_message(None, request.app.state.max_upload_bytes)
   return error_response(status, message, headers=exc.headers)
 
 
@@ -275,10 +286,9 @@ def create_app(runner, **options) -> Starlette:
       Route('/metrics', service.metrics_text, methods=['GET']),
       Mount('/static', app=StaticFiles(directory=STATIC_DIR), name='static'),
   ]
-  app = Starlette(routes=routes, lifespan=service.lifespan, max_body_size=service.max_upload_bytes,
+  app = Starlette(routes=routes, lifespan=service.lifespan,
                   middleware=[Middleware(MetricsMiddleware, metrics=service.metrics),
-                              Middleware(BodyTooLarge, max_bytes=service.max_upload_bytes)],
+                              Middleware(BodyLimit, max_bytes=service.max_upload_bytes)],
                   exception_handlers={HTTPException: _http_error, Exception: _server_error})
   app.state.service = service
-  app.state.max_upload_bytes = service.max_upload_bytes
   return app
