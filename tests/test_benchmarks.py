@@ -15,6 +15,7 @@ from benchmarks import gpu
 from benchmarks import inference
 from benchmarks import input_pipeline
 from benchmarks import memory
+from benchmarks import serve
 from benchmarks import train_step
 import train_fixture as fx
 from kpjax.configs import base
@@ -255,3 +256,38 @@ def test_gpu_refuses_without_a_gpu_or_with_bad_flags(capsys, tmp_path, monkeypat
   _error_line(capsys, gpu.main, ['--tiny', '--peak-tflops', '989'])
   (tmp_path / 'file').write_text('')
   _error_line(capsys, gpu.main, ['--tiny', '--out', str(tmp_path / 'file')])
+
+
+# ---- serve.py -----------------------------------------------------------------------------------------
+
+
+def test_serve_tiny_run(tmp_path, capsys):
+  """The whole serving benchmark at tiny sizes: a real server process, its table and JSON's arithmetic."""
+  pytest.importorskip('uvicorn', reason="the serve extra (pip install 'kpjax[serve]') is not installed")
+  out = tmp_path / 'serve.json'
+  report = serve.main(['--tiny', '--clients', '1,3', '--json', str(out)])
+  text = capsys.readouterr().out
+  figures = json.loads(out.read_text())
+  assert figures == json.loads(json.dumps(report)) and tuple(sorted(figures)) == tuple(sorted(serve.JSON_KEYS))
+  assert figures['cpu'] == common.cpu_model() and common.cpu_model() in text
+  assert figures['max_batch'] == 2 and set(figures['bare_forward']) == {'1', '2'}
+  bare = figures['bare_forward']['2']
+  assert bare['ms_per_image'] == pytest.approx(bare['ms_per_batch'] / 2)
+  assert [r['clients'] for r in figures['rows']] == [1, 3] and figures['goal'] is None  # no 16-client row
+  table = _table_rows(text)
+  for r in figures['rows']:
+    assert r['requests'] == 24
+    assert r['requests_per_s'] == pytest.approx(r['requests'] / r['seconds'])
+    assert r['ms_per_image'] == pytest.approx(1e3 * r['seconds'] / r['requests'])
+    assert 0 < r['p50_ms'] <= r['p99_ms'] and 1 <= r['mean_batch'] <= 2
+    assert r['vs_bare'] == pytest.approx(r['ms_per_image'] / bare['ms_per_image'] - 1)
+    assert table[str(r['clients'])][1] == f'{r["requests_per_s"]:.1f}'
+  assert figures['rows'][0]['mean_batch'] == 1.0  # one client: one image a batch
+
+
+def test_serve_percentiles_and_flag_errors(capsys):
+  values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+  for q in (0, 50, 90, 99, 100):
+    assert serve.percentile(values, q) == pytest.approx(np.percentile(values, q))
+  for argv in (['--clients', '0'], ['--clients', 'a,b'], ['--requests', '0'], ['--size', '20']):
+    _error_line(capsys, serve.main, argv)
