@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 from benchmarks import common
+from benchmarks import confidence
 from benchmarks import gpu
 from benchmarks import inference
 from benchmarks import input_pipeline
 from benchmarks import memory
 from benchmarks import serve
 from benchmarks import train_step
+import serve_fixture as sf
 import train_fixture as fx
 from kpjax.configs import base
 from kpjax.data import pipeline
@@ -291,3 +293,38 @@ def test_serve_percentiles_and_flag_errors(capsys):
     assert serve.percentile(values, q) == pytest.approx(np.percentile(values, q))
   for argv in (['--clients', '0'], ['--clients', 'a,b'], ['--requests', '0'], ['--size', '20']):
     _error_line(capsys, serve.main, argv)
+
+
+# ---- confidence.py ------------------------------------------------------------------------------------
+
+
+def test_auroc_is_mann_whitney():
+  assert confidence.auroc([0.9, 0.8], [0.1, 0.8]) == 0.875  # 3 pairs won, 1 tied, of 4
+  assert confidence.auroc([3.0], [1.0, 2.0]) == 1.0 and confidence.auroc([1.0, 2.0], [3.0]) == 0.0
+  assert math.isnan(confidence.auroc([1.0], []))
+
+
+def test_confidence_tiny_run(tmp_path, capsys):
+  """Labels from the renderer's own visibility; every keypoint of every garment's category counted once."""
+  from kpjax.data import keypoints as kp  # pylint: disable=g-import-not-at-top
+  from kpjax.data.synthetic import garments  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'c.json'
+  result = confidence.main(['--checkpoint', sf.small_model(str(tmp_path / 'm')), '--num-images', '12',
+                            '--seed', '7', '--json', str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+  samples = confidence.garments_with_labels(12, 7)
+  visible = 0
+  for i, (category, image, labels) in enumerate(samples):
+    rng = np.random.default_rng(np.random.SeedSequence([7, i]))
+    assert kp.CATEGORIES[int(rng.integers(len(kp.CATEGORIES)))] == category
+    example = garments.render(category, rng)  # the same garment, drawn again
+    np.testing.assert_array_equal(image, example.image)
+    v = example.visibility[kp.keypoint_indices(category)]
+    assert [labels[n] == 'visible' for n in kp.keypoint_names(category)] == list(v == 1)
+    assert [labels[n] == 'occluded' for n in kp.keypoint_names(category)] == list(v == 0)
+    visible += int((v == 1).sum())
+  assert result['counts']['visible'] == visible
+  assert sum(result['counts'].values()) == sum(kp.num_keypoints(c) for c, _, _ in samples)
+  for value in result['auroc'].values():
+    assert math.isnan(value) or 0 <= value <= 1
+  assert 'AUROC visible vs occluded or cropped off' in capsys.readouterr().out
