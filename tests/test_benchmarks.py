@@ -272,17 +272,17 @@ def test_serve_tiny_run(tmp_path, capsys):
   figures = json.loads(out.read_text())
   assert figures == json.loads(json.dumps(report)) and tuple(sorted(figures)) == tuple(sorted(serve.JSON_KEYS))
   assert figures['cpu'] == common.cpu_model() and common.cpu_model() in text
-  assert figures['max_batch'] == 2 and set(figures['bare_forward']) == {'1', '2'}
-  bare = figures['bare_forward']['2']
-  assert bare['ms_per_image'] == pytest.approx(bare['ms_per_batch'] / 2)
+  assert figures['max_batch'] == 2 and set(figures['bare_forward_ms_per_image']) == {'1', '2'}
   assert [r['clients'] for r in figures['rows']] == [1, 3] and figures['goal'] is None  # no 16-client row
+  assert len(figures['rounds']) == 2  # --tiny: one round
   table = _table_rows(text)
   for r in figures['rows']:
-    assert r['requests'] == 24
-    assert r['requests_per_s'] == pytest.approx(r['requests'] / r['seconds'])
-    assert r['ms_per_image'] == pytest.approx(1e3 * r['seconds'] / r['requests'])
-    assert 0 < r['p50_ms'] <= r['p99_ms'] and 1 <= r['mean_batch'] <= 2
-    assert r['vs_bare'] == pytest.approx(r['ms_per_image'] / bare['ms_per_image'] - 1)
+    assert r['requests'] == 24 and r['rounds'] == 1
+    (one,) = [x for x in figures['rounds'] if x['clients'] == r['clients']]
+    assert r['requests_per_s'] == pytest.approx(one['requests'] / one['seconds'])
+    assert r['ms_per_image'] == pytest.approx(1e3 * one['seconds'] / one['requests'])
+    assert 0 < r['p50_ms'] <= r['p99_ms'] and 1 <= r['mean_batch'] <= 2 and r['server_forward_ms_per_image'] > 0
+    assert r['vs_bare'] == pytest.approx(r['ms_per_image'] / r['bare_ms_per_image'] - 1)
     assert table[str(r['clients'])][1] == f'{r["requests_per_s"]:.1f}'
   assert figures['rows'][0]['mean_batch'] == 1.0  # one client: one image a batch
 
