@@ -286,7 +286,8 @@ def parse_args(argv=None):
   p.add_argument('--timeout-s', type=common.positive_float, default=600.0, help='for each client count (600)')
   p.add_argument('--json', metavar='OUT', help='also write the figures as JSON')
   p.add_argument('--tiny', action='store_true',
-                 help='a 16x16, width 1/16, 1-stage model, 64 px images, --max-batch 2, 24 requests: seconds (the tests)')
+                 help='a 16x16, width 1/16, 1-stage model, 64 px images, --max-batch 2, 24 requests: seconds '
+                      '(the tests)')
   args = p.parse_args(argv)
   try:
     args.clients = [int(c) for c in args.clients.split(',')]

@@ -457,7 +457,8 @@ def test_json_keypoints_and_confidence_are_the_models(tmp_path, capsys, flip):
   for name, (h, w) in sizes.items():
     _write(str(tmp_path / 'Images' / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
   out, out_plain, js = tmp_path / 'p.csv', tmp_path / 'plain.csv', tmp_path / 'p.json'
-  argv = ['--checkpoint', ckpt, '--images', str(tmp_path / 'Images'), '--batch-size', '4'] + (['--flip'] if flip else [])
+  argv = ['--checkpoint', ckpt, '--images', str(tmp_path / 'Images'), '--batch-size', '4']
+  argv += ['--flip'] if flip else []
   code, err = _run(argv + ['--out', str(out), '--json', str(js)], capsys)
   assert code == 0, err
   assert str(js) in err

@@ -48,7 +48,8 @@ def photos(tmp_path_factory):
 def _xy(result) -> tuple[np.ndarray, tuple[int, int]]:
   """((4, 2) keypoints, (width, height)) of an answer."""
   assert [k['name'] for k in result['keypoints']] == list(kp.keypoint_names('skirt'))
-  return np.array([[k['x'], k['y']] for k in result['keypoints']]), (result['image']['width'], result['image']['height'])
+  size = (result['image']['width'], result['image']['height'])
+  return np.array([[k['x'], k['y']] for k in result['keypoints']]), size
 
 
 def _check(photos, colour_xy: dict[str, np.ndarray], grey_xy: dict[str, np.ndarray]) -> None:

@@ -21,11 +21,13 @@ import serve_fixture as sf
 
 pytest.importorskip('starlette', reason="the serve extra (pip install 'kpjax[serve]') is not installed")
 
-from prometheus_client.parser import text_string_to_metric_families  # pylint: disable=g-import-not-at-top,wrong-import-position
-from starlette.testclient import TestClient  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
-from kpjax.serve import app as app_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kpjax.serve import runner as runner_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kpjax.serve import app as app_lib
+from kpjax.serve import runner as runner_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 MAX_UPLOAD = 100_000  # bytes
 MAX_PIXELS = 40_000  # the garment photo has 30,000
@@ -139,7 +141,8 @@ BAD_REQUESTS = {
     'body over the limit': (lambda p: dict(method='POST', url='/v1/predict?category=skirt', content=b'x' * 150_000),
                             413, 'the body is 150,000 bytes; the server takes at most 100,000 bytes'),
     'chunked body over the limit': (lambda p: dict(method='POST', url='/v1/predict?category=skirt',
-                                                   content=_chunks(b'x' * 150_000)), 413, 'the body is over 100,000 bytes'),
+                                                   content=_chunks(b'x' * 150_000)),
+                                    413, 'the body is over 100,000 bytes'),
     'too many pixels': (lambda p: dict(method='POST', url='/v1/predict?category=skirt',
                                        content=pv.encode(np.zeros((250, 300, 3), np.uint8), 'PNG')),
                         413, '300x250 is 75,000 pixels, more than the 40,000 accepted'),
@@ -160,7 +163,8 @@ BAD_REQUESTS = {
                                 400, 'must be a file'),
     'two files': (lambda p: dict(method='POST', url='/v1/predict?category=skirt',
                                  files=[('image', ('a.png', p)), ('image', ('b.png', p))]), 400, 'Too many files'),
-    'wrong method': (lambda p: dict(method='GET', url='/v1/predict'), 405, 'GET is not allowed on /v1/predict; use POST'),
+    'wrong method': (lambda p: dict(method='GET', url='/v1/predict'), 405,
+                     'GET is not allowed on /v1/predict; use POST'),
     'wrong method on the page': (lambda p: dict(method='DELETE', url='/'), 405, 'DELETE is not allowed on /'),
     'wrong path': (lambda p: dict(method='POST', url='/v2/predict', content=p), 404, 'no such page: POST /v2/predict'),
 }

@@ -115,24 +115,25 @@ def _browser(user_data_dir: str):
   return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
-def drive_page(url: str, image: str, screenshot: str, category: str | None = None, flip: bool = False,
-               hover: str | None = None, user_data_dir: str | None = None) -> dict:
-  """Opens the page, chooses `image` in its file input (and `category`, `flip`), waits for the drawing,
-  saves a screenshot (hovering the keypoint `hover`, to show its name); returns what the page shows."""
+def drive_page(url: str, image: str, screenshot: str, category: str | None = None, hover: str | None = None) -> dict:
+  """Opens the page in a fresh browser profile, chooses `image` in its file input (after `category`), waits
+  for the drawing, saves a screenshot (hovering the table row of keypoint `hover`, which shows its name);
+  returns what the page shows. (docs/serve_page.png: the demo model, an unseen synthetic dress, 'shoulder_left'.)"""
   from selenium.webdriver.common.action_chains import ActionChains  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import Select, WebDriverWait  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as fresh:
-    browser = _browser(user_data_dir or fresh)
+    browser = _browser(fresh)
     try:
       browser.get(url)
-      state = lambda b: b.find_element(By.TAG_NAME, 'body').get_attribute('data-state')  # pylint: disable=unnecessary-lambda-assignment
+
+      def state(b):
+        return b.find_element(By.TAG_NAME, 'body').get_attribute('data-state')
+
       WebDriverWait(browser, 60).until(lambda b: state(b) == 'ready')
       preset = Select(browser.find_element(By.ID, 'category')).first_selected_option.text
       if category:
         Select(browser.find_element(By.ID, 'category')).select_by_value(category)
-      if flip:
-        browser.find_element(By.CSS_SELECTOR, 'label.switch').click()
       browser.find_element(By.CSS_SELECTOR, 'input[type=file]').send_keys(image)
       WebDriverWait(browser, 60).until(lambda b: state(b) in ('done', 'error'))
       rows = [[td.text for td in tr.find_elements(By.TAG_NAME, 'td')]

@@ -108,7 +108,7 @@ def decode_image(data: bytes, name: str = '', max_pixels: int | None = DEFAULT_M
   except Image.UnidentifiedImageError:
     raise ImageError(f'{label}: cannot decode image: not a file of a format kpjax reads ({", ".join(formats())}); '
                      f'{len(data):,} bytes starting {bytes(data[:8])!r}') from None
-  except Exception as e:  # pylint: disable=broad-except  (decoders raise OSError, SyntaxError, EOFError, struct.error...)
+  except Exception as e:  # pylint: disable=broad-except  (decoders raise OSError, SyntaxError, struct.error...)
     raise ImageError(f'{label}: cannot decode image ({type(e).__name__}: {e})') from None
   if image.shape[0] == 0 or image.shape[1] == 0:
     raise ImageError(f'{label}: image has no pixels ({image.shape[1]}x{image.shape[0]})')
