@@ -4,6 +4,7 @@ each, formed while the previous batch runs; failures reach every request of thei
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -34,16 +35,29 @@ def _run(coroutine):
   return asyncio.run(asyncio.wait_for(coroutine, 60))
 
 
+@contextlib.asynccontextmanager
+async def _batcher(run, max_batch: int, max_delay_s: float):
+  batcher = DynamicBatcher(run, max_batch=max_batch, max_delay_s=max_delay_s)
+  await batcher.start()
+  try:
+    yield batcher
+  finally:
+    await batcher.close()
+
+
+async def _occupied(batcher: DynamicBatcher, run: Recorder) -> asyncio.Future:
+  """Submits item 0 and returns its future once its batch is running (and blocked in `run`)."""
+  first = asyncio.ensure_future(batcher.submit('k', 0))
+  await asyncio.get_running_loop().run_in_executor(None, run.running.wait, 30)
+  return first
+
+
 def test_concurrent_requests_share_batches_of_at_most_max_batch():
   run = Recorder()
 
   async def main():
-    batcher = DynamicBatcher(run, max_batch=4, max_delay_s=0.05)
-    await batcher.start()
-    try:
+    async with _batcher(run, 4, 0.05) as batcher:
       return await asyncio.gather(*(batcher.submit('k', i) for i in range(10)))
-    finally:
-      await batcher.close()
 
   results = _run(main())
   assert results == [('k', 10 * i) for i in range(10)]  # each request gets its own item's answer
@@ -59,18 +73,13 @@ def test_requests_arriving_during_a_batch_form_the_next_one():
   run.release.clear()
 
   async def main():
-    batcher = DynamicBatcher(run, max_batch=8, max_delay_s=0.0)
-    await batcher.start()
-    try:
-      first = asyncio.ensure_future(batcher.submit('k', 0))
-      await asyncio.get_running_loop().run_in_executor(None, run.running.wait, 30)
+    async with _batcher(run, 8, 0.0) as batcher:
+      first = await _occupied(batcher, run)
       later = [asyncio.ensure_future(batcher.submit('k', i)) for i in (1, 2, 3)]
       await asyncio.sleep(0.05)
       assert batcher.waiting() == 3
       run.release.set()
       return await asyncio.gather(first, *later)
-    finally:
-      await batcher.close()
 
   assert _run(main()) == [('k', 0), ('k', 10), ('k', 20), ('k', 30)]
   assert [items for _, items in run.batches] == [[0], [1, 2, 3]]
@@ -80,12 +89,8 @@ def test_keys_never_share_a_batch():
   run = Recorder()
 
   async def main():
-    batcher = DynamicBatcher(run, max_batch=16, max_delay_s=0.05)
-    await batcher.start()
-    try:
+    async with _batcher(run, 16, 0.05) as batcher:
       return await asyncio.gather(*(batcher.submit(i % 2 == 0, i) for i in range(9)))
-    finally:
-      await batcher.close()
 
   assert _run(main()) == [(i % 2 == 0, 10 * i) for i in range(9)]
   for key, items in run.batches:
@@ -97,12 +102,8 @@ def test_a_failing_batch_fails_its_requests_only():
   run = Recorder(fail_on=3)
 
   async def main():
-    batcher = DynamicBatcher(run, max_batch=2, max_delay_s=0.05)
-    await batcher.start()
-    try:
+    async with _batcher(run, 2, 0.05) as batcher:
       return await asyncio.gather(*(batcher.submit('k', i) for i in range(6)), return_exceptions=True)
-    finally:
-      await batcher.close()
 
   results = _run(main())
   failed = [i for i, r in enumerate(results) if isinstance(r, RuntimeError)]
@@ -116,19 +117,14 @@ def test_a_cancelled_request_is_left_out_of_its_batch():
   run.release.clear()
 
   async def main():
-    batcher = DynamicBatcher(run, max_batch=8, max_delay_s=0.0)
-    await batcher.start()
-    try:
-      first = asyncio.ensure_future(batcher.submit('k', 0))
-      await asyncio.get_running_loop().run_in_executor(None, run.running.wait, 30)
+    async with _batcher(run, 8, 0.0) as batcher:
+      first = await _occupied(batcher, run)
       gone = asyncio.ensure_future(batcher.submit('k', 1))
       kept = asyncio.ensure_future(batcher.submit('k', 2))
       await asyncio.sleep(0.02)
       gone.cancel()  # its client went away while it waited
       run.release.set()
       return await asyncio.gather(first, kept)
-    finally:
-      await batcher.close()
 
   assert _run(main()) == [('k', 0), ('k', 20)]
   assert [items for _, items in run.batches] == [[0], [2]]
@@ -136,12 +132,8 @@ def test_a_cancelled_request_is_left_out_of_its_batch():
 
 def test_a_wrong_number_of_results_is_an_error():
   async def main():
-    batcher = DynamicBatcher(lambda key, items: [], max_batch=2, max_delay_s=0.0)
-    await batcher.start()
-    try:
+    async with _batcher(lambda key, items: [], 2, 0.0) as batcher:
       await batcher.submit('k', 1)
-    finally:
-      await batcher.close()
 
   with pytest.raises(RuntimeError, match='returned 0 results for 1 items'):
     _run(main())
