@@ -116,7 +116,7 @@ class BodyLimit:
 
 def too_large_message(size: int | None, limit: int) -> str:
   got = f'{size:,} bytes' if size is not None else f'over {limit:,} bytes'
-  return f'the body is {got}; the server takes at most {limit:,} bytes ({limit / 2 ** 20:g} MB, --max-upload-mb)'
+  return f'the body is {got}; the server takes at most {limit:,} bytes ({limit / 2 ** 20:g} MiB, --max-upload-mb)'
 
 
 class Service:
