@@ -89,6 +89,10 @@ class KeypointSetError(UserError):
   """A keypoint set (kpjax.data.keypoint_sets) that is inconsistent, or a category or sigma it does not have."""
 
 
+class ImageTooLarge(ImageError):
+  """An image with more pixels than the decoder was told to accept (a decompression bomb, or just huge)."""
+
+
 class CsvFormatError(UserError):
   """A malformed FashionAI CSV file or row; the message says where and what was expected."""
 

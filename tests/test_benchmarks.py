@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 
 from benchmarks import common
+from benchmarks import confidence
 from benchmarks import gpu
 from benchmarks import inference
 from benchmarks import input_pipeline
 from benchmarks import memory
 from benchmarks import pool_unpool
+from benchmarks import serve
 from benchmarks import train_step
+import serve_fixture as sf
 import train_fixture as fx
 from kpjax.configs import base
 from kpjax.data import pipeline
@@ -313,3 +316,73 @@ def test_gpu_refuses_without_a_gpu_or_with_bad_flags(capsys, tmp_path, monkeypat
   _error_line(capsys, gpu.main, ['--tiny', '--peak-tflops', '989'])
   (tmp_path / 'file').write_text('')
   _error_line(capsys, gpu.main, ['--tiny', '--out', str(tmp_path / 'file')])
+
+
+# ---- serve.py -----------------------------------------------------------------------------------------
+
+
+def test_serve_tiny_run(tmp_path, capsys):
+  """The whole serving benchmark at tiny sizes: a real server process, its table and JSON's arithmetic."""
+  pytest.importorskip('uvicorn', reason="the serve extra (pip install 'kpjax[serve]') is not installed")
+  out = tmp_path / 'serve.json'
+  report = serve.main(['--tiny', '--clients', '1,3', '--json', str(out)])
+  text = capsys.readouterr().out
+  figures = json.loads(out.read_text())
+  assert figures == json.loads(json.dumps(report)) and tuple(sorted(figures)) == tuple(sorted(serve.JSON_KEYS))
+  assert figures['cpu'] == common.cpu_model() and common.cpu_model() in text
+  assert figures['max_batch'] == 2 and set(figures['bare_forward_ms_per_image']) == {'1', '2'}
+  assert [r['clients'] for r in figures['rows']] == [1, 3] and figures['goal'] is None  # no 16-client row
+  assert len(figures['rounds']) == 2  # --tiny: one round
+  table = _table_rows(text)
+  for r in figures['rows']:
+    assert r['requests'] == 24 and r['rounds'] == 1
+    (one,) = [x for x in figures['rounds'] if x['clients'] == r['clients']]
+    assert r['requests_per_s'] == pytest.approx(one['requests'] / one['seconds'])
+    assert r['ms_per_image'] == pytest.approx(1e3 * one['seconds'] / one['requests'])
+    assert 0 < r['p50_ms'] <= r['p99_ms'] and 1 <= r['mean_batch'] <= 2 and r['server_forward_ms_per_image'] > 0
+    assert r['vs_bare'] == pytest.approx(r['ms_per_image'] / r['bare_ms_per_image'] - 1)
+    assert table[str(r['clients'])][1] == f'{r["requests_per_s"]:.1f}'
+  assert figures['rows'][0]['mean_batch'] == 1.0  # one client: one image a batch
+
+
+def test_serve_percentiles_and_flag_errors(capsys):
+  values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+  for q in (0, 50, 90, 99, 100):
+    assert serve.percentile(values, q) == pytest.approx(np.percentile(values, q))
+  for argv in (['--clients', '0'], ['--clients', 'a,b'], ['--requests', '0'], ['--size', '21']):
+    _error_line(capsys, serve.main, argv)
+
+
+# ---- confidence.py ------------------------------------------------------------------------------------
+
+
+def test_auroc_is_mann_whitney():
+  assert confidence.auroc([0.9, 0.8], [0.1, 0.8]) == 0.875  # 3 pairs won, 1 tied, of 4
+  assert confidence.auroc([3.0], [1.0, 2.0]) == 1.0 and confidence.auroc([1.0, 2.0], [3.0]) == 0.0
+  assert math.isnan(confidence.auroc([1.0], []))
+
+
+def test_confidence_tiny_run(tmp_path, capsys):
+  """Labels from the renderer's own visibility; every keypoint of every garment's category counted once."""
+  from kpjax.data import keypoints as kp  # pylint: disable=g-import-not-at-top
+  from kpjax.data.synthetic import garments  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'c.json'
+  result = confidence.main(['--checkpoint', sf.small_model(str(tmp_path / 'm')), '--num-images', '12',
+                            '--seed', '7', '--json', str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+  samples = confidence.garments_with_labels(12, 7)
+  visible = 0
+  for i, (category, image, labels) in enumerate(samples):
+    rng = np.random.default_rng(np.random.SeedSequence([7, i]))
+    assert kp.CATEGORIES[int(rng.integers(len(kp.CATEGORIES)))] == category
+    example = garments.render(category, rng)  # the same garment, drawn again
+    np.testing.assert_array_equal(image, example.image)
+    v = example.visibility[kp.keypoint_indices(category)]
+    assert [labels[n] == 'visible' for n in kp.keypoint_names(category)] == list(v == 1)
+    assert [labels[n] == 'occluded' for n in kp.keypoint_names(category)] == list(v == 0)
+    visible += int((v == 1).sum())
+  assert result['counts']['visible'] == visible
+  assert sum(result['counts'].values()) == sum(kp.num_keypoints(c) for c, _, _ in samples)
+  for value in result['auroc'].values():
+    assert math.isnan(value) or 0 <= value <= 1
+  assert 'AUROC visible vs occluded or cropped off' in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """`python -m kpjax.predict`: keypoints for any images: a FashionAI submission CSV or COCO results (and drawings).
 
   python -m kpjax.predict --config configs/trousers.py --checkpoint DIR --images test/Images/trousers \\
-      --out preds.csv [--draw DIR] [--flip] [--batch-size 16] [--decimals N]
+      --out preds.csv [--json keypoints.json] [--draw DIR] [--flip] [--batch-size 16] [--decimals N]
   python -m kpjax.predict --config configs/all.py --checkpoint DIR --images test/Images \\
       --categories test/test.csv --out preds.csv
   python -m kpjax.predict --checkpoint W --images DIR --out PRED.json [--boxes BOXES.json]   (COCO-format models)
@@ -34,6 +34,9 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_argument('--boxes', metavar='BOXES.json',
                       help='COCO annotations or detections ({"images", "annotations": [{image_id, category_id, bbox'
                            '[, score]}]}): one prediction per box, of the images it lists under --images DIR')
+  parser.add_argument('--json', metavar='OUT.json',
+                      help="also write every image's keypoints as JSON: unrounded pixels and each keypoint's "
+                           'confidence in [0, 1] (the answers kpjax.serve gives; docs/serving.md)')
   parser.add_argument('--draw', metavar='DIR', help='also write one PNG per image with its keypoints drawn')
   parser.add_argument('--flip', action='store_true',
                       help='average with the horizontally flipped image (left/right swapped back)')
@@ -55,6 +58,9 @@ def parse_args(argv: Sequence[str] | None):
     parser.error('pass --category or --categories, not both')
   if args.boxes and (args.category or args.categories):
     parser.error('--boxes gives each object its category; drop --category/--categories')
+  if args.boxes and args.json:
+    parser.error('--json is for FashionAI models; the COCO results --boxes writes already hold every keypoint\'s '
+                 'score')
   return args
 
 
@@ -70,7 +76,8 @@ def run(args) -> int:
   else:
     summary = prediction.predict_files(args.checkpoint, args.images, args.out, config=args.config, flip=args.flip,
                                        batch_size=args.batch_size, decimals=args.decimals, category=args.category,
-                                       categories_csv=args.categories, draw=args.draw, step=args.step)
+                                       categories_csv=args.categories, draw=args.draw, step=args.step,
+                                       json_out=args.json)
   return common.RUN_FAILED if summary.problems else common.OK
 
 

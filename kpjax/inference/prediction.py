@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import glob
+import json
 import os
 import sys
 import time
@@ -115,6 +116,11 @@ def prepared_batches(items: Sequence[tuple[str, str, str]], batch_size: int, spe
       yield [f.result() for f in futures]
 
 
+def inside_image(xy, height: int, width: int) -> tuple[float, float]:
+  """A keypoint (x, y) kept inside the image: pixel centres 0..W-1, 0..H-1 (as submissions write them)."""
+  return float(np.clip(xy[0], 0, width - 1)), float(np.clip(xy[1], 0, height - 1))
+
+
 def submission_cells(coords24: np.ndarray, category: str, height: int, width: int, decimals: int = 0) -> list[str]:
   """The 24 `x_y_1` cells of one image: its category's keypoints kept inside the image (pixel centres
   0..W-1, 0..H-1) and rounded to `decimals` digits after the point (0: whole pixels, the challenge's
@@ -124,12 +130,29 @@ def submission_cells(coords24: np.ndarray, category: str, height: int, width: in
   cells = []
   for j in range(kp.NUM_KEYPOINTS):
     if mask[j] and np.isfinite(coords24[j]).all():
-      x = float(np.clip(coords24[j, 0], 0, width - 1))
-      y = float(np.clip(coords24[j, 1], 0, height - 1))
-      cells.append(csv_io.format_cell(x, y, 1, decimals))
+      cells.append(csv_io.format_cell(*inside_image(coords24[j], height, width), 1, decimals))
     else:
       cells.append(csv_io.ABSENT_CELL)
   return cells
+
+
+def image_result(coords: np.ndarray, confidence: np.ndarray, category: str, model_category: str, height: int,
+                 width: int, keypoint_set=kp.FASHIONAI) -> dict:
+  """One image's keypoints as JSON (`kpjax.predict --json` and `kpjax.serve` answer alike):
+
+    {"category": ..., "image": {"width", "height"}, "keypoints": [{"name", "x", "y", "confidence"}]}
+
+  coords (L, 2) original-image pixels and confidence (L,) in [0, 1] of the model's `model_category`
+  keypoints (of `keypoint_set`); the keypoints listed are `category`'s, in the set's order, kept inside the
+  image as in submissions.
+  """
+  names = keypoint_set.keypoint_names(model_category)
+  keypoints = []
+  for name in keypoint_set.keypoint_names(category):
+    j = names.index(name)
+    x, y = inside_image(coords[j], height, width)
+    keypoints.append({'name': name, 'x': x, 'y': y, 'confidence': float(confidence[j])})
+  return {'category': category, 'image': {'width': int(width), 'height': int(height)}, 'keypoints': keypoints}
 
 
 def drawing_path(directory: str, iid: str) -> str:
@@ -179,10 +202,13 @@ class PredictionSummary:
 def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *, config=None, flip: bool = False,
                   batch_size: int = 16, decimals: int = 0, category: str | None = None,
                   categories_csv: str | None = None, draw: str | None = None, step: int | None = None,
-                  log=None) -> PredictionSummary:
+                  json_out: str | None = None, log=None) -> PredictionSummary:
   """Predicts the images (files, folders, globs) with the model at `checkpoint_path` and writes the
-  FashionAI submission CSV `out` (and with `draw`, one PNG per image under that folder); a model of another
-  keypoint set (COCO-format data) writes COCO results instead (kpjax.inference.coco_prediction).
+  FashionAI submission CSV `out` (with `draw`, one PNG per image under that folder; with `json_out`, a
+  JSON file `{"checkpoint", "flip", "images": [{"image_id", **image_result}]}`: every keypoint's
+  unrounded pixels and its confidence, kpjax.inference.confidence); a model of another keypoint set
+  (COCO-format data) writes COCO results instead (kpjax.inference.coco_prediction), whose keypoint scores
+  are those confidences.
 
   config: a (validated) config that must describe the model, or None; category / categories_csv: the
   images' categories for an 'all' model (see assign_categories). Unreadable images are reported through
@@ -205,6 +231,9 @@ def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *,
     if categories_csv:
       raise PredictionError(f'--categories is a FashionAI test.csv; {checkpoint_path} predicts the keypoint set '
                             f'{spec.keypoint_set.describe()} (give --category, or the objects with --boxes)')
+    if json_out:
+      raise PredictionError(f'--json is for FashionAI models; {checkpoint_path} predicts the keypoint set '
+                            f'{spec.keypoint_set.describe()}, whose COCO results already hold every keypoint\'s score')
     from kpjax.inference import coco_prediction  # pylint: disable=g-import-not-at-top
     return coco_prediction.predict_coco(checkpoint_path, image_paths, out, config=config, flip=flip,
                                         batch_size=batch_size, category=category, draw=draw, step=step, log=log,
@@ -217,9 +246,11 @@ def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *,
     raise PredictionError(f'none of the {len(items)} images is a {model_category} in {categories_csv}')
   mesh = devices.make_mesh()  # every device of this machine takes its share of each batch
   variables = devices.replicate(variables, mesh)
-  predict_fn = predictor.make_predict_fn(model, flip=flip, category=model_category, mesh=mesh)
+  predict_fn = predictor.make_predict_fn(model, flip=flip, category=model_category, mesh=mesh,
+                                        confidence=bool(json_out))
 
   rows: list[tuple[str, str, list[str]]] = []
+  results: list[dict] = []
   failed = list(problems)
   batch_size = devices.local_batch_size(min(batch_size, len(work)), mesh)
   start = time.perf_counter()
@@ -233,8 +264,16 @@ def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *,
       continue
     inputs = np.zeros((batch_size, size, size, 3), np.float32)  # fixed shape: one compilation
     inputs[:len(ok)] = np.stack([b['input'] for b in ok])
-    coords = devices.local_rows(predict_fn(variables, devices.shard_batch({'x': inputs}, mesh)['x']))[:len(ok)]
-    pixels = predictor.to_24(predictor.to_original(coords, np.stack([b['affine'] for b in ok]), spec), model_category)
+    outputs = predict_fn(variables, devices.shard_batch({'x': inputs}, mesh)['x'])
+    coords, confidence = outputs if json_out else (outputs, None)
+    coords = devices.local_rows(coords)[:len(ok)]
+    original = predictor.to_original(coords, np.stack([b['affine'] for b in ok]), spec)
+    pixels = predictor.to_24(original, model_category)
+    if json_out:
+      confidence = devices.local_rows(confidence)[:len(ok)]
+      results += [dict(image_id=b['image_id'], **image_result(o, c, b['category'], model_category, *b['size'],
+                                                             spec.keypoint_set))
+                  for b, o, c in zip(ok, original, confidence)]
     for b, p in zip(ok, pixels):
       h, w = b['size']
       rows.append((b['image_id'], b['category'], submission_cells(p, b['category'], h, w, decimals)))
@@ -243,8 +282,12 @@ def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *,
         drawing.save_png(drawn, drawing_path(draw, b['image_id']))
   if rows:
     atomic.write_text(out, csv_io.format_submission(rows))
+    if json_out:
+      atomic.write_text(json_out, json.dumps({'checkpoint': checkpoint_path, 'flip': bool(flip), 'images': results},
+                                             indent=1) + '\n')
   seconds = time.perf_counter() - start
+  written = ' and '.join(p for p in (out, json_out) if p) if rows else 'nothing written'
   log(f'predicted {len(rows)} of {len(work)} images in {seconds:.1f} s '
-      f'({len(rows) / max(seconds, 1e-9):.1f} images/s, compilation included) -> '
-      f'{out if rows else "nothing written"}' + (f'; {len(failed)} problems' if failed else ''))
+      f'({len(rows) / max(seconds, 1e-9):.1f} images/s, compilation included) -> {written}'
+      + (f'; {len(failed)} problems' if failed else ''))
   return PredictionSummary(len(rows), len(work), failed)

@@ -21,6 +21,7 @@ from kpjax.data.spec import ModelSpec
 from kpjax.errors import KeypointSetError, SpecMismatch
 from kpjax.inference import checkpoints
 from kpjax.inference import devices
+from kpjax.inference.confidence import keypoint_confidence
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -37,6 +38,10 @@ def make_predict_fn(model, *, flip: bool = False, category: str | None = None, m
 
   With `confidence`, fn returns (coords, confidence (B, L) float32): each keypoint's
   kpjax.inference.confidence.keypoint_confidence, the mean of both views' with `flip`.
+
+  With `confidence`, the fn returns (coords, confidence): confidence (B, L) float32 in [0, 1], each
+  keypoint's kpjax.inference.confidence.keypoint_confidence; with `flip`, the mean of the two views'
+  (the flipped view's keypoints swapped back as its coords are).
 
   With a `mesh` (kpjax.devices.make_mesh), the batch is split along its 'data' axis over every
   device and the variables replicated: pass images as a global array (devices.shard_batch; B a
@@ -55,28 +60,28 @@ def make_predict_fn(model, *, flip: bool = False, category: str | None = None, m
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_predict(model, perm: tuple[int, ...] | None, mesh, with_confidence: bool = False) -> PredictFn:
+def _compiled_predict(model, perm: tuple[int, ...] | None, mesh, with_confidence: bool) -> PredictFn:
   """One jitted function per (model, flip permutation, mesh, confidence), so repeated evaluations do not
   recompile."""
-  from kpjax.inference import confidence  # pylint: disable=g-import-not-at-top
 
   def predict(variables, images):
     if perm is None:
       coords, heatmaps = model.apply(variables, images)
-      return (coords, confidence.keypoint_confidence(heatmaps)) if with_confidence else coords
+      return (coords, keypoint_confidence(heatmaps)) if with_confidence else coords
     b = images.shape[0]
     coords, heatmaps = model.apply(variables, jnp.concatenate([images, images[:, :, ::-1]], axis=0))
-    index = np.asarray(perm)
-    coords = jnp.stack([coords[:b], coords[b:][:, index]], axis=1)
+    idx = np.asarray(perm)
+    coords = jnp.stack([coords[:b], coords[b:][:, idx]], axis=1)
     if not with_confidence:
       return coords
-    conf = confidence.keypoint_confidence(heatmaps)
-    return coords, 0.5 * (conf[:b] + conf[b:][:, index])
+    views = keypoint_confidence(heatmaps)  # (2B, L); a flipped map's mass near its mean is the unflipped one's
+    return coords, 0.5 * (views[:b] + views[b:][:, idx])
 
   if mesh is None:
     return jax.jit(predict)
   rows = devices.batch_sharding(mesh)
-  return jax.jit(predict, in_shardings=(devices.replicated(mesh), rows), out_shardings=rows)
+  out = (rows, rows) if with_confidence else rows
+  return jax.jit(predict, in_shardings=(devices.replicated(mesh), rows), out_shardings=out)
 
 
 def to_24(coords, category: str, keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI) -> np.ndarray:
