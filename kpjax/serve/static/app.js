@@ -35,7 +35,13 @@ async function loadModel() {
   select.value = model.categories[0];  // preset, so that a photo predicts at once
   select.disabled = model.categories.length === 1;
   const count = model.keypoints[model.categories[0]].length;
-  $('model-line').textContent = `model ${model.name}: ${model.category === 'all' ? 'all five garments' : model.category}` +
+  const set = model.keypoint_set, noun = set.noun || 'category';
+  const garments = set.name === 'fashionai';  // the page's words for FashionAI's set, generic ones for the others
+  document.title = `kpjax · ${garments ? 'garment' : set.name} keypoints`;
+  $('set-name').textContent = `${garments ? 'garment' : set.name} keypoints`;
+  $('category-label').textContent = garments ? 'Garment' : noun.charAt(0).toUpperCase() + noun.slice(1);
+  const all = garments ? 'all five garments' : `every ${noun} (${model.categories.length})`;
+  $('model-line').textContent = `model ${model.name}: ${model.category === 'all' ? all : model.category}` +
       `${model.category === 'all' ? '' : `, ${count} keypoints`}, ${model.input_size}×${model.input_size} input, ` +
       `${model.devices.length} device${model.devices.length === 1 ? '' : 's'}`;
   $('formats').textContent = model.formats.join(' · ');
