@@ -1,7 +1,8 @@
 """The training loop: `train_and_evaluate(config, workdir)`, what `python -m kpjax.train` runs.
 
 Data-parallel over every device of every process, evaluated with FashionAI's NE, checkpointed with
-orbax (state, data iterator position, metadata) and resumed from the workdir by itself.
+orbax (state, data iterator position, metadata; asynchronously: the steps go on while a checkpoint is
+written) and resumed from the workdir by itself. The workdir may be gs://bucket/... (kpjax.io.paths).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kpjax.data import spec as spec_lib
 from kpjax.errors import ConfigError, TrainingError
 from kpjax.inference import checkpoints
 from kpjax.inference import devices
+from kpjax.io import paths
 from kpjax.model import vgg19
 from kpjax.train import config_check
 from kpjax.train import step as ts
@@ -112,9 +114,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   The config is validated here (kpjax.train.config_check), once; what follows gets its parts.
   Returns {'step': the last step trained, 'eval/ne': the last validation NE (None if this call
   evaluated nothing), 'stopped_by': the signal number that stopped the run early, or None}.
-  Raises TrainingError on a non-finite loss, ValueError (and subclasses: ConfigError,
-  DatasetNotFoundError, CheckpointError, SpecMismatch) for configs, data or checkpoints that cannot be used.
+  Raises TrainingError on a non-finite loss, StorageFailed when the storage kept failing (kpjax.io.paths),
+  ValueError (and subclasses: ConfigError, DatasetNotFoundError, CheckpointError, SpecMismatch,
+  StorageAccessError) for configs, data, checkpoints or storage that cannot be used.
   """
+  try:
+    return _train_and_evaluate(config, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    failure = paths.storage_failure(e, default=workdir)
+    if failure is None:
+      raise
+    raise type(failure)(f'{failure}; {_kept(Workdir.at(workdir))}') from None
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   from kpjax.data import sources  # pylint: disable=g-import-not-at-top
   from kpjax.inference import predictor  # pylint: disable=g-import-not-at-top
   from kpjax.train import curves  # pylint: disable=g-import-not-at-top
@@ -125,6 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   check_devices(config, mesh.devices.size)
   spec = spec_lib.ModelSpec.from_config(config)
   resume_step = workdir.latest_step()  # None: a fresh run
+  paths.check_writable(workdir.root)  # gs://: the bucket takes writes and deletes, before anything is done
   pretrained = initial = None
   if resume_step is not None:
     _check_resumable(config, workdir)
@@ -203,10 +217,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if eval_now:
         last_ne = evaluate(step)
       if save:
+        writer.flush()  # the lines up to this step are durable before its checkpoint can be
         checkpoints.save_training(manager, step, state.as_dict(), metadata, train_iter.get_state(),
                                   last_ne if eval_now else None)
       window.exclude(time.perf_counter() - paused)  # images/s counts training time only
       if stopping:
+        checkpoints.wait_for_saves(manager)
         progress.note(f'stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved '
                       f'in {manager.directory}: rerun the same command to resume')
         break
@@ -215,10 +231,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     progress.close()
     writer.close()
     train_iter.close()
-    manager.close()
+    manager.close()  # waits for the checkpoint being written
   if process == 0 and writer.has_records() and stop.signal is None:
     curves.plot_curves(workdir.metrics, workdir.curves)
   return {'step': step, 'eval/ne': last_ne, 'stopped_by': stop.signal}
+
+
+def _kept(workdir: Workdir) -> str:
+  """What a failed run leaves: its last complete checkpoint, for a message."""
+  try:
+    steps = checkpoints.training_steps(workdir.checkpoints)
+  except Exception:  # pylint: disable=broad-except  (the storage that failed may fail again)
+    return f'the checkpoints in {workdir.checkpoints} could not be listed'
+  if not steps:
+    return 'no checkpoint was completed'
+  return f'the last complete checkpoint (step {steps[-1]}) is kept in {workdir.checkpoints}: rerun the same command ' \
+         'to resume from it'
 
 
 class _TrainWindow:
@@ -240,6 +268,7 @@ class _TrainWindow:
   def add(self, step: int, metrics, manager) -> None:
     metrics = jax.device_get(metrics)
     if not metrics['finite']:
+      checkpoints.wait_for_saves(manager)
       kept = manager.latest_step()
       raise TrainingError(
           f'training diverged: the loss or its gradient is not finite at step {step} (loss {metrics["loss"]}); '
