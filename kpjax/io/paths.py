@@ -121,19 +121,49 @@ def upload_tree(local_dir: PathLike, remote_dir: PathLike, exclude: tuple[str, .
   return sum(len(b) for b in batches)
 
 
+def list_files(directory: PathLike) -> list[str]:
+  """Every file under `directory`, recursively, in a stable order (folder by folder, names sorted;
+  gs://: every object under the prefix, sorted)."""
+  if is_remote(directory):
+    root = os.fspath(resolve(directory)).rstrip('/')
+    return sorted(f'{GCS_PREFIX}{p}' for p in filesystem().find(root) if not p.endswith('/'))
+  out = []
+  for dirpath, dirnames, filenames in os.walk(os.fspath(directory)):
+    dirnames.sort()
+    out += [os.path.join(dirpath, f) for f in sorted(filenames)]
+  return out
+
+
+def glob(pattern: str) -> list[str]:
+  """The files a glob pattern matches, sorted ('**' matches across folders; gs://: gcsfs's glob)."""
+  if is_remote(pattern):
+    _check_bucket(bucket_of(pattern))
+    fs = filesystem()
+    return sorted(f'{GCS_PREFIX}{p}' for p in fs.glob(pattern) if fs.isfile(p))
+  import glob as glob_lib  # pylint: disable=g-import-not-at-top
+  return sorted(f for f in glob_lib.glob(pattern, recursive=True) if os.path.isfile(f))
+
+
 @contextlib.contextmanager
 def local_copy(path: PathLike) -> Iterator[str]:
   """A local file with `path`'s content: `path` itself when local, else a private temporary copy of the
-  object (for readers that need a real file: zip archives, mmap), removed on exit."""
+  object (for readers that need a real file: zip archives, seeks), removed on exit. A kpjax error raised
+  in the block that names the copy names `path` instead. A missing object is left for the reader to report
+  (nothing is copied)."""
   if not is_remote(path):
     yield os.fspath(path)
     return
   remote = resolve(path)
   scratch = tempfile.mkdtemp(prefix='kpjax-')
+  local = os.path.join(scratch, remote.name)
   try:
-    local = os.path.join(scratch, remote.name)
-    filesystem().get_file(os.fspath(remote), local)
+    if remote.is_file():
+      filesystem().get_file(os.fspath(remote), local)
     yield local
+  except (UserError, RunFailed) as e:
+    if e.args and isinstance(e.args[0], str) and local in e.args[0]:
+      e.args = (e.args[0].replace(local, os.fspath(remote)),) + e.args[1:]
+    raise
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 
