@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import torch
 from torch import _weights_only_unpickler
 
+from kpjax.io import paths
 from kpjax.io import torch_file
 from kpjax.io.torch_file import pickle_globals
 
@@ -377,7 +378,11 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], tuple
 
 
 def load_torch_checkpoint(path: str) -> TorchCheckpoint:
-  """Reads any accepted checkpoint file safely -> TorchCheckpoint (raises TorchCheckpointError)."""
+  """Reads any accepted checkpoint file safely -> TorchCheckpoint (raises TorchCheckpointError); `path` may
+  be gs://... (read from a local copy, kpjax.io.paths)."""
+  if paths.is_remote(path):
+    with paths.local_copy(path) as local:
+      return dataclasses.replace(load_torch_checkpoint(local), path=path)
   path = os.path.expanduser(path)
   obj, file_format = load_object(path)
   raw, container = extract_state_dict(obj, path)

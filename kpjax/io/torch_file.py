@@ -36,6 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from kpjax.errors import TorchFileError, UnsafeTorchFileError
+from kpjax.io import paths
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a legacy torch.save file
 LEGACY_PROTOCOL = 1001  # second pickle
@@ -450,7 +451,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
   Arrays keep torch's shapes (conv weights OIHW) and dtypes (bfloat16 / float8 as ml_dtypes types).
   Raises TorchFileError (UnsafeTorchFileError for pickles needing other globals) naming what was found.
+  `path` may be gs://... (read from a local copy, kpjax.io.paths).
   """
+  if paths.is_remote(path):
+    with paths.local_copy(path) as local:
+      return read_state_dict(local)
   path = os.path.expanduser(path)
   if file_format(path) == 'zip':
     return _read_zip(path)
