@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 from kpjax.data import fashionai_csv as csv_io
 from kpjax.data import keypoints as kp
 from kpjax.io import atomic
+from kpjax.io import paths
 
 JPEG_QUALITY = 90
 MIN_SIDE, MAX_SIDE = 128, 512  # FashionAI images are 512 x 512 and smaller
@@ -460,10 +461,11 @@ def generate(out_dir: str, num_images: int, seed: int, num_test: int | None = No
   num_test = max(1, num_images // 10) if num_test is None else int(num_test)
   if num_test < 0:
     raise ValueError(f'num_test must be >= 0; got {num_test}')
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+  out = paths.resolve(out_dir)  # a local directory or gs://... (built locally, then uploaded)
+  out_dir = os.fspath(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ValueError(f'{out_dir} already exists and is not empty; choose another --out or remove it')
-  with atomic.staged_dir(out_dir, replace=os.path.isdir(out_dir)) as tmp:  # an empty one (checked above)
+  with atomic.staged_dir(out_dir, replace=out.is_dir()) as tmp:  # an empty one (checked above)
     rows = _write_split(os.path.join(tmp, 'train'), seed, 0, num_images)
     atomic.write_text(os.path.join(tmp, 'train', 'Annotations', 'train.csv'), csv_io.format_submission(rows))
     test_rows = _write_split(os.path.join(tmp, 'test'), seed, _TEST_STREAM, num_test)
