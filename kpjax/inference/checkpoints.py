@@ -22,6 +22,7 @@ training workdir (metrics, TensorBoard events, drawings) is kpjax.train.workdir'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -130,16 +131,34 @@ def save_training(manager: ocp.CheckpointManager, step: int, state: dict[str, An
   """
   if manager.latest_step() == step:
     return
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      metadata=ocp.args.JsonSave(dict(metadata, step=step)),
-      data=ocp.args.JsonSave({'iterator': json.dumps(data_state, sort_keys=True)})),
-      metrics=None if best_metric is None else {BEST_METRIC: float(best_metric)})
+  with _saving(manager):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        metadata=ocp.args.JsonSave(dict(metadata, step=step)),
+        data=ocp.args.JsonSave({'iterator': json.dumps(data_state, sort_keys=True)})),
+        metrics=None if best_metric is None else {BEST_METRIC: float(best_metric)})
 
 
 def wait_for_saves(manager: ocp.CheckpointManager) -> None:
   """Returns when the checkpoint being written in the background (if any) is complete; raises its error."""
-  manager.wait_until_finished()
+  with _saving(manager):
+    manager.wait_until_finished()
+
+
+def close_training(manager: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written (if any), then closes the manager."""
+  with _saving(manager):
+    manager.close()
+
+
+@contextlib.contextmanager
+def _saving(manager: ocp.CheckpointManager):
+  """A storage failure of a (background) save names the run's checkpoints directory (kpjax.io.paths)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_storage_failure(e, os.fspath(manager.directory))
+    raise
 
 
 def restore_training(manager: ocp.CheckpointManager, like: dict[str, Any]) -> tuple[dict[str, Any], dict] | None:
@@ -174,6 +193,13 @@ def _items(path) -> str | None:
   if path.joinpath('state').is_dir():
     return 'training'
   return None
+
+
+def _raise_storage_failure(e: Exception, where: str) -> None:
+  """Raises the kpjax error for a storage failure (kpjax.io.paths) rather than call the checkpoint damaged."""
+  failure = paths.storage_failure(e, where)
+  if failure is not None:
+    raise failure from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +258,7 @@ def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
   try:
     restored = checkpointer.restore(where, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types for damaged files
+    _raise_storage_failure(e, where)
     raise CheckpointError(f'cannot read the metadata in {where}: {type(e).__name__}: {e}') from None
   finally:
     checkpointer.close()
@@ -251,6 +278,7 @@ def load_model(path: str, step: int | None = None) -> tuple[dict, dict[str, Any]
     restored = checkpointer.restore(location.directory, args=ocp.args.Composite(
         **{item: ocp.args.StandardRestore()}, metadata=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types for damaged files
+    _raise_storage_failure(e, location.directory)
     raise CheckpointError(f'cannot read the checkpoint in {location.directory}: {type(e).__name__}: {e}') from None
   finally:
     checkpointer.close()

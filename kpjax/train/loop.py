@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from kpjax.data import spec as spec_lib
-from kpjax.errors import ConfigError, TrainingError
+from kpjax.errors import ConfigError, StorageAccessError, StorageFailed, TrainingError
 from kpjax.inference import checkpoints
 from kpjax.inference import devices
 from kpjax.io import paths
@@ -121,10 +121,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   try:
     return _train_and_evaluate(config, workdir)
   except Exception as e:  # pylint: disable=broad-except
-    failure = paths.storage_failure(e, default=workdir)
+    failure = e if isinstance(e, (StorageAccessError, StorageFailed)) else paths.storage_failure(e, default=workdir)
     if failure is None:
       raise
-    raise type(failure)(f'{failure}; {_kept(Workdir.at(workdir))}') from None
+    try:
+      kept = _kept(Workdir.at(workdir))
+    except Exception:  # pylint: disable=broad-except  (the storage that failed may fail again)
+      kept = None
+    raise (type(failure)(f'{failure}; {kept}') if kept else failure) from None
 
 
 def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -231,20 +235,17 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     progress.close()
     writer.close()
     train_iter.close()
-    manager.close()  # waits for the checkpoint being written
+    checkpoints.close_training(manager)  # waits for the checkpoint being written
   if process == 0 and writer.has_records() and stop.signal is None:
     curves.plot_curves(workdir.metrics, workdir.curves)
   return {'step': step, 'eval/ne': last_ne, 'stopped_by': stop.signal}
 
 
-def _kept(workdir: Workdir) -> str:
-  """What a failed run leaves: its last complete checkpoint, for a message."""
-  try:
-    steps = checkpoints.training_steps(workdir.checkpoints)
-  except Exception:  # pylint: disable=broad-except  (the storage that failed may fail again)
-    return f'the checkpoints in {workdir.checkpoints} could not be listed'
+def _kept(workdir: Workdir) -> str | None:
+  """What a failed run leaves, for a message: its last complete checkpoint (None: none)."""
+  steps = checkpoints.training_steps(workdir.checkpoints)
   if not steps:
-    return 'no checkpoint was completed'
+    return None
   return f'the last complete checkpoint (step {steps[-1]}) is kept in {workdir.checkpoints}: rerun the same command ' \
          'to resume from it'
 
