@@ -151,12 +151,20 @@ def _one_line(e: BaseException) -> str:
 
 
 def quiet_logging() -> None:
-  """Only warnings from absl/orbax/jax logging (orbax logs every save at INFO); nothing from gcsfs's logger,
-  which logs a traceback for each failed request that the command then reports itself."""
+  """Only warnings from absl/orbax/jax logging (orbax logs every save at INFO); no tracebacks of the errors the
+  command reports itself: gcsfs's logger logs one for each failed request, orbax one for a failed background
+  save."""
   import logging as std_logging  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('gcsfs').setLevel(std_logging.CRITICAL)
+  absl_logger = std_logging.getLogger('absl')
+  if _no_orbax_tracebacks not in absl_logger.filters:
+    absl_logger.addFilter(_no_orbax_tracebacks)
+
+
+def _no_orbax_tracebacks(record) -> bool:
+  return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
 
 
 def run(fn: Callable[..., int | None], *args, **kwargs) -> int:
