@@ -193,6 +193,9 @@ def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *,
   from kpjax.inference import predictor  # pylint: disable=g-import-not-at-top
 
   log = log or (lambda line: print(line, file=sys.stderr))
+  for target in (out, draw):
+    if target:
+      paths_lib.resolve(target)  # a gs:// one without its bucket (or the gcs extra) stops here, before any work
   items, problems = collect_images(image_paths)
   if not items:
     raise PredictionError('no images to predict: ' + ('; '.join(problems) if problems else 'none given'))

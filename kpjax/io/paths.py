@@ -227,18 +227,17 @@ def check_writable(directory: PathLike) -> None:
     try:
       probe.write_text('kpjax checks that it may write here\n') if action == 'create' else probe.unlink()
     except Exception as e:  # pylint: disable=broad-except
-      mapped = storage_failure(e, os.fspath(directory))
-      if isinstance(mapped, StorageAccessError):
-        raise StorageAccessError(f'{mapped}; kpjax needs to {action} objects under {os.fspath(directory)} '
-                                 f'({ROLE} on the bucket)') from None
-      raise mapped or e
+      mapped = storage_failure(e, os.fspath(directory), doing=f'{action} objects there')
+      if mapped is None:
+        raise
+      raise mapped from None
 
 
 def storage_failure(e: BaseException, path: PathLike | None = None, default: PathLike | None = None,
-                    bucket_known: bool = True) -> StorageAccessError | StorageFailed | None:
+                    bucket_known: bool = True, doing: str = '') -> StorageAccessError | StorageFailed | None:
   """The kpjax error for a Cloud Storage failure `e` (from gcsfs, tensorstore, google-cloud-storage or
   array_record, anywhere in its chain of causes) at `path` (default: the gs:// path the error names, else
-  `default`), or None when `e` is no storage failure."""
+  `default`), or None when `e` is no storage failure. `doing`: what failed, e.g. 'create objects there'."""
   if isinstance(e, (UserError, RunFailed)):
     return None  # kpjax's own errors say what happened already
   where = os.fspath(path) if path is not None else _path_in(e) or (os.fspath(default) if default else 'Cloud Storage')
@@ -255,7 +254,9 @@ def storage_failure(e: BaseException, path: PathLike | None = None, default: Pat
       return StorageAccessError(f'{where}: the request was not authenticated ({detail}); set up Application Default '
                                 'Credentials: gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS')
     if kind == 'permission':
-      return StorageAccessError(f'{where}: permission denied ({detail}); the credentials need {ROLE} on the bucket')
+      bucket = f'bucket {bucket_of(where)}' if where.startswith(GCS_PREFIX) else 'the bucket'
+      return StorageAccessError(f'{where}: {f"cannot {doing}: " if doing else ""}permission denied ({detail}); '
+                                f'the credentials need {ROLE} on {bucket}')
     return StorageFailed(f'{where}: the storage service failed ({detail}), after the client libraries\' retries')
   return None
 
@@ -285,7 +286,9 @@ def _classify(e: BaseException) -> tuple[str | None, str]:
     return 'credentials', _short(text)
   if code == 401 or 'UNAUTHENTICATED' in text or 'Anonymous caller' in text:
     return 'credentials', _short(text)
-  if code == 403 or (text.startswith('Forbidden') and module == 'builtins') or 'PERMISSION_DENIED' in text:
+  if text.startswith('Forbidden') and module == 'builtins':  # gcsfs: 'Forbidden: URL' and the service's message
+    return 'permission', _short(' '.join(str(e).split('\n', 1)[-1].split()))
+  if code == 403 or 'PERMISSION_DENIED' in text:
     return 'permission', _short(text)
   if code == 404 or isinstance(e, FileNotFoundError) or 'NOT_FOUND' in text:
     return 'not_found', _short(text)
