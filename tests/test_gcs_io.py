@@ -169,36 +169,36 @@ def test_a_dataset_built_into_the_bucket_reads_like_a_local_one(gcs, tmp_path):
 
 
 def test_storage_failures_are_one_error_line_and_write_nothing(gcs, tmp_path):
-  train = ['kpjax.train', '--config', os.path.join(REPO, 'configs', 'trousers.py'),
-           f'--config.data.data_dir={tmp_path}']
-  # A bucket that does not exist (the bucket is not created either).
-  proc = _run(*train, '--workdir', 'gs://kpjax-no-such-bucket/run')
-  assert proc.returncode == 2 and error_lines(proc.stderr) == [
-      'error: gs://kpjax-no-such-bucket: bucket kpjax-no-such-bucket does not exist (or is not visible to these '
-      'credentials); create it (gcloud storage buckets create gs://BUCKET) or fix the path'], proc.stderr
-  with pytest.raises(FileNotFoundError):
-    paths.filesystem().info('kpjax-no-such-bucket')
-
-  # No credentials: no emulator, no ADC file, no metadata server.
+  train = [sys.executable, '-m', 'kpjax.train', '--config', os.path.join(REPO, 'configs', 'trousers.py'),
+           f'--config.data.data_dir={tmp_path}', '--workdir']
   bucket = gcs.create_bucket('kpjax-denied')
+  # No credentials: no emulator, no ADC file, no metadata server.
   no_credentials = {**{k: '' for k in gcs.env()}, 'HOME': str(tmp_path), 'GOOGLE_APPLICATION_CREDENTIALS': '',
                     'GCE_METADATA_HOST': '127.0.0.1:9', 'GCE_METADATA_IP': '127.0.0.1:9', 'CLOUDSDK_CONFIG': str(tmp_path)}
-  proc = _run(*train, '--workdir', f'{bucket}/run', env=no_credentials)
-  assert proc.returncode == 2, proc.stderr
-  lines = error_lines(proc.stderr)
-  assert len(lines) == 1 and lines[0].startswith(f'error: no Google Cloud credentials for {bucket}: ') and \
-      'gcloud auth application-default login' in lines[0], proc.stderr
-
-  # Permission denied: the credentials may read the bucket but not write to it.
+  # Permission denied: the credentials may list and read the bucket but not write to it.
   proxy = gcs_emulator.FaultProxy.start(gcs.url)
-  try:
-    proxy.fail('POST', r'^/upload/', 403)
-    proxy.fail('PUT', r'^/upload/', 403)
-    proc = _run(*train, '--workdir', f'{bucket}/run', env=gcs.env(proxy.url))
+  proxy.fail('POST', r'^/upload/', 403)
+  proxy.fail('PUT', r'^/upload/', 403)
+  runs = {'no bucket': ('gs://kpjax-no-such-bucket/run', {}), 'no credentials': (f'{bucket}/run', no_credentials),
+          'permission denied': (f'{bucket}/run', gcs.env(proxy.url))}
+  try:  # the three at once
+    procs = {k: subprocess.Popen(train + [workdir], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, **env}) for k, (workdir, env) in runs.items()}
+    errors = {k: p.communicate(timeout=TIMEOUT_S)[1] for k, p in procs.items()}
+    done = {k: (procs[k].returncode, error_lines(err)) for k, err in errors.items()}
   finally:
     proxy.stop()
-  assert proc.returncode == 2 and error_lines(proc.stderr) == [
+  assert done['no bucket'] == (2, [
+      'error: gs://kpjax-no-such-bucket: bucket kpjax-no-such-bucket does not exist (or is not visible to these '
+      'credentials); create it (gcloud storage buckets create gs://BUCKET) or fix the path']), done
+  with pytest.raises(FileNotFoundError):  # nor was it created
+    paths.filesystem().info('kpjax-no-such-bucket')
+  status, lines = done['no credentials']
+  assert status == 2 and len(lines) == 1, done
+  assert lines[0].startswith(f'error: no Google Cloud credentials for {bucket}: ') and \
+      'gcloud auth application-default login' in lines[0], lines
+  assert done['permission denied'] == (2, [
       f'error: {bucket}/run: cannot create objects there: permission denied (kpjax-test@example.iam.gserviceaccount.com '
       'does not have storage.objects.create access to the Google Cloud Storage object. Permission denied); the '
-      'credentials need roles/storage.objectUser on bucket kpjax-denied'], proc.stderr
+      'credentials need roles/storage.objectUser on bucket kpjax-denied']), done
   assert gcs.objects('kpjax-denied') == []
