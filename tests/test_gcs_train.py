@@ -3,7 +3,7 @@ the same run as on a local disk, on 1 process and on 2 processes x 2 devices, st
 process killed during a save resumes from the last complete checkpoint; a save the service refuses stops
 the run with one error line and leaves the last complete checkpoint, from which a rerun goes on.
 
-Every run is compared with one uninterrupted run on a local disk (`reference`), step by step.
+Every run is compared with one uninterrupted run on a local disk (test_parallel's `reference`), step by step.
 """
 
 import os
@@ -15,14 +15,13 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 import gcs_emulator
 import train_fixture as fx
 from kpjax.inference import checkpoints as ckpt_lib
 from kpjax.train import loop as train
 from kpjax.train.log import read_metrics
-from test_parallel import FIXTURE, REPO, TIMEOUT_S, _launch
+from test_parallel import FIXTURE, REPO, TIMEOUT_S, _launch, reference  # noqa: F401  (reference: a fixture)
 
 _CPP_LOG = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] ')  # tensorstore's own log lines
 
@@ -30,16 +29,6 @@ _CPP_LOG = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] ')  # t
 def error_lines(stderr: str) -> list[str]:
   """stderr without the C++ libraries' log lines (tensorstore logs that an emulator needs no credentials)."""
   return [line for line in stderr.strip().splitlines() if line and not _CPP_LOG.match(line)]
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """8 steps on a local disk, this process's one device: evaluations at 0, 4 and 8, checkpoints at 4 and 8."""
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  with pytest.MonkeyPatch.context() as mp:
-    fx.install_source(mp)
-    train.train_and_evaluate(fx.tiny_config(), workdir)
-  return workdir
 
 
 def _losses(workdir):
