@@ -180,10 +180,13 @@ def test_storage_failures_are_one_error_line_and_write_nothing(gcs, tmp_path):
   proxy.fail('POST', r'^/upload/', 403)
   proxy.fail('PUT', r'^/upload/', 403)
   runs = {'no bucket': ('gs://kpjax-no-such-bucket/run', {}), 'no credentials': (f'{bucket}/run', no_credentials),
-          'permission denied': (f'{bucket}/run', gcs.env(proxy.url))}
-  try:  # the three at once
-    procs = {k: subprocess.Popen(train + [workdir], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, **env}) for k, (workdir, env) in runs.items()}
+          'permission denied': (f'{bucket}/run', gcs.env(proxy.url)), 'no extra': (f'{bucket}/run', {})}
+  without_gcsfs = [sys.executable, '-c', 'import sys; sys.modules["gcsfs"] = None; from kpjax.cli import train; '
+                   'sys.exit(train.main(sys.argv[1:]))', *train[3:]]  # as if `pip install kpjax` alone
+  try:  # the four at once
+    procs = {k: subprocess.Popen((without_gcsfs if k == 'no extra' else train) + [workdir], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+             for k, (workdir, env) in runs.items()}
     errors = {k: p.communicate(timeout=TIMEOUT_S)[1] for k, p in procs.items()}
     done = {k: (procs[k].returncode, error_lines(err)) for k, err in errors.items()}
   finally:
@@ -201,4 +204,6 @@ def test_storage_failures_are_one_error_line_and_write_nothing(gcs, tmp_path):
       f'error: {bucket}/run: cannot create objects there: permission denied (kpjax-test@example.iam.gserviceaccount.com '
       'does not have storage.objects.create access to the Google Cloud Storage object. Permission denied); the '
       'credentials need roles/storage.objectUser on bucket kpjax-denied']), done
+  assert done['no extra'] == (2, [f"error: {bucket}/run is a Cloud Storage path, which needs the gcs extra (gcsfs is "
+                                  "not installed): pip install 'kpjax[gcs]'"]), done
   assert gcs.objects('kpjax-denied') == []

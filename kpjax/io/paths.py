@@ -56,6 +56,7 @@ def resolve(path: PathLike) -> epath.Path:
   one with '~' expanded and made absolute. Raises UserError for another scheme (s3://, http://...)."""
   text = os.fspath(path)
   if is_remote(text):
+    _import_gcs(text)
     _check_bucket(bucket_of(text))
     return epath.Path(text)
   scheme = _SCHEME.match(text)
