@@ -21,11 +21,11 @@ from convert import flax_to_torch, torch_to_flax
 from kpjax.data import fashionai_csv as csv_io
 from kpjax.data import sources
 from kpjax.data.spec import ModelSpec
-from kpjax.errors import TargetExistsError
+from kpjax.errors import TargetExistsError, TorchFileError
 from kpjax.export import exporter
 from kpjax.inference import checkpoints as ckpt_lib
 from kpjax.inference import evaluation, prediction
-from kpjax.io import atomic, paths
+from kpjax.io import atomic, paths, torch_file
 from kpjax.train.log import MetricWriter, read_metrics
 from test_gcs_train import error_lines
 from test_parallel import REPO
@@ -144,6 +144,11 @@ def test_predict_evaluate_export_and_convert_with_a_model_in_the_bucket(gcs, mod
   flax_to_torch.convert_checkpoint(config, remote, f'{bucket}/out/model.pth', log=lambda _: None)
   torch_to_flax.convert_checkpoint(config, f'{bucket}/out/model.pth', f'{bucket}/out/converted', input_size=32,
                                    preprocessing='kpjax', log=lambda _: None)
+  paths.filesystem().get_file(f'{bucket}/out/model.pth', str(tmp_path / 'model.pth'))  # config.init_backbone's reader
+  jax.tree_util.tree_map(np.testing.assert_array_equal, torch_file.read_state_dict(f'{bucket}/out/model.pth'),
+                         torch_file.read_state_dict(str(tmp_path / 'model.pth')))
+  with pytest.raises(TorchFileError, match=f'^{bucket}/out/missing.pth does not exist'):  # named as given
+    torch_file.read_state_dict(f'{bucket}/out/missing.pth')
   got, metadata = ckpt_lib.load_model(f'{bucket}/out/converted')
   want, _ = ckpt_lib.load_model(local)
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
