@@ -27,6 +27,7 @@ from kpjax.data import spec as spec_lib
 from kpjax.errors import ConversionError, LayoutError, SpecMismatch
 from kpjax.inference import checkpoints
 from kpjax.io import atomic
+from kpjax.io import paths
 from kpjax.train import config_check
 
 
@@ -76,8 +77,8 @@ def convert_checkpoint(config, checkpoint_path: str, out: str, *, config_name: s
   kpjax.errors.CheckpointError or OSError.
   """
   config_check.check_config(config, training=False)
-  out_abs = os.path.abspath(os.path.expanduser(out))
-  if os.path.isdir(out_abs):
+  out_abs = os.fspath(paths.resolve(out))  # a local file or gs://...
+  if paths.resolve(out_abs).is_dir():
     raise ConversionError(f'{out_abs} is a directory; --out names the .pth file to write')
   atomic.check_target(out_abs, replace=force, flag='--force', error=ConversionError)
   variables, metadata = checkpoints.load_model(checkpoint_path)

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from kpjax.errors import TorchFileError
+from kpjax.io import paths
 from kpjax.io import torch_file
 
 # The classes of a KPDEM whole-module pickle: torch's layers, DataParallel, and the network's own two
@@ -129,7 +130,11 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], tuple
 
 
 def load_torch_checkpoint(path: str) -> TorchCheckpoint:
-  """Reads any accepted checkpoint file safely, without torch -> TorchCheckpoint (raises TorchFileError)."""
+  """Reads any accepted checkpoint file safely, without torch -> TorchCheckpoint (raises TorchFileError); `path`
+  may be gs://... (read from a local copy, kpjax.io.paths)."""
+  if paths.is_remote(path):
+    with paths.local_copy(path) as local:
+      return dataclasses.replace(load_torch_checkpoint(local), path=path)
   path = os.path.expanduser(path)
   obj, file_format = torch_file.read_object(path, KPDEM_MODULES)
   raw, container = extract_state_dict(obj, path)

@@ -34,6 +34,7 @@ from kpjax.data.spec import ModelSpec
 from kpjax.errors import ConfigError, ConversionError, LayoutError
 from kpjax.inference import checkpoints
 from kpjax.io import atomic
+from kpjax.io import paths
 from kpjax.io import torch_file
 from kpjax.train import config_check
 
@@ -197,7 +198,7 @@ def convert_checkpoint(config, torch_checkpoint: str, out: str, *, config_name: 
       message = message.replace(field, flag)
     raise ConversionError(message) from None
   spec = ModelSpec.from_config(config)
-  out_abs = os.path.abspath(os.path.expanduser(out))
+  out_abs = os.fspath(paths.resolve(out))  # a local directory or gs://...
   # fail before the (slow) reading and converting; save_model checks again
   atomic.check_target(out_abs, replace=force, flag='--force', error=checkpoints.CheckpointError)
   expected = Architecture(n_locations=spec.n_locations, width=spec.width, num_stages=spec.num_stages)

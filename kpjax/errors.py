@@ -75,6 +75,11 @@ class LayoutError(ConversionError):
   """Parameters that do not fit the KPDEM network; the message names keys and shapes and says what to do."""
 
 
+class StorageAccessError(UserError):
+  """A Cloud Storage path kpjax cannot use: the gcs extra missing, no such bucket, no credentials, or
+  permission denied; the message names the path, the cause and the fix (kpjax.io.paths)."""
+
+
 class MetricsFileError(UserError):
   """A metrics.jsonl line that is not a JSON object; the message names the file and line."""
 
@@ -123,6 +128,11 @@ class ExportError(UserError):
 
 class TrainingError(RunFailed):
   """Training cannot go on (a diverged loss); the message says why and what is kept."""
+
+
+class StorageFailed(RunFailed):
+  """The storage service kept failing (after the client libraries' retries) during a run; the message names
+  the path, the cause and what was kept."""
 
 
 class DistributedStartupError(RunFailed):

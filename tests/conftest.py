@@ -57,3 +57,23 @@ def _random_variables(net, seed: int, spread: float = 4.0, size: int = 16) -> di
 def random_variables():
   """`make(net, seed, spread=4.0, size=16)`: numpy-drawn variables with peaked heatmaps (_random_variables)."""
   return _random_variables
+
+
+@pytest.fixture(scope='session')
+def gcs():
+  """A local Cloud Storage emulator (tests/gcs_emulator.py: fake-gcs-server on 127.0.0.1), started once per
+  test process, with this process's environment pointing at it as a user's would (its subprocesses inherit
+  it); stopped at the end. Each test makes its own bucket with `gcs.create_bucket(name)`."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  emulator = gcs_emulator.Emulator.start()
+  saved = {k: os.environ.get(k) for k in emulator.env()}
+  os.environ.update(emulator.env())
+  try:
+    yield emulator
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    emulator.stop()

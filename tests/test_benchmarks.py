@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from benchmarks import checkpoint_save
 from benchmarks import common
 from benchmarks import confidence
 from benchmarks import gpu
@@ -50,7 +51,23 @@ def _error_line(capsys, run, argv):
   return err
 
 
-# ---- train_step.py, inference.py, memory.py ---------------------------------------------------------
+# ---- train_step.py, inference.py, memory.py, checkpoint_save.py ---------------------------------------
+
+
+def test_checkpoint_save_times_both_modes_and_saves_whole_checkpoints(tmp_path, capsys):
+  from kpjax.inference import checkpoints
+  import jax
+  checkpoint_save.main(['--workdir', str(tmp_path / 'ckpt'), '--size', '16', '--batch', '2', '--width', '0.0625',
+                        '--num-stages', '1', '--steps', '1', '--json', str(tmp_path / 'out.json')])
+  rows = _table_rows(capsys.readouterr().out)
+  figures = json.loads((tmp_path / 'out.json').read_text())
+  w = common.Workload(size=16, batch=2, width=0.0625, num_stages=1)
+  state_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(common.initial_train_state(w).as_dict())) / 1e6
+  for mode in checkpoint_save.MODES:
+    m = figures[mode]
+    assert m['checkpoint_mb'] == pytest.approx(state_mb) and rows[mode][1] == f'{state_mb:.1f}'
+    assert all(m[k] > 0 for k in ('step_s', 'step_with_save_s', 'save_complete_s'))  # no speeds compared
+    assert checkpoints.training_steps(str(tmp_path / 'ckpt' / mode)) == [1, 2]  # both saves complete
 
 
 def test_train_step_prints_table_machine_and_ratio(capsys):

@@ -9,10 +9,10 @@ calls one library function through `run`. Exit statuses, the same for the same k
 
   0    success;
   1    the run went through but failed or is incomplete (kpjax.errors.RunFailed: training diverged,
-       images unreadable);
+       images unreadable, the storage service kept failing);
   2    a user's mistake: a bad flag, config, file, checkpoint or dataset (kpjax.errors.UserError, any
-       ValueError, OSError): one
-       `error: ...` line on stderr, no traceback, nothing written;
+       ValueError, OSError; for gs:// paths also no such bucket, no credentials, permission denied:
+       kpjax.io.paths): one `error: ...` line on stderr, no traceback, nothing written;
   130  interrupted (Ctrl-C) before anything could be saved.
 """
 
@@ -151,28 +151,45 @@ def _one_line(e: BaseException) -> str:
 
 
 def quiet_logging() -> None:
-  """Only warnings from absl/orbax/jax logging (orbax logs every save at INFO)."""
+  """Only warnings from absl/orbax/jax logging (orbax logs every save at INFO); no tracebacks of the errors the
+  command reports itself: gcsfs's logger logs one for each failed request, orbax one for a failed background
+  save."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger('gcsfs').setLevel(std_logging.CRITICAL)
+  absl_logger = std_logging.getLogger('absl')
+  if _no_orbax_tracebacks not in absl_logger.filters:
+    absl_logger.addFilter(_no_orbax_tracebacks)
+
+
+def _no_orbax_tracebacks(record) -> bool:
+  return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
 
 
 def run(fn: Callable[..., int | None], *args, **kwargs) -> int:
   """Runs a CLI's library call and turns its failure into kpjax's exit statuses (module docstring).
 
   `fn` returns an exit status (None = 0). A user's mistake (ValueError, OSError) and RunFailed print
-  one `error:` line; Ctrl-C prints one too.
+  one `error:` line; Ctrl-C prints one too. So does a Cloud Storage failure (kpjax.io.paths.storage_failure).
   """
+  from kpjax.io import paths  # pylint: disable=g-import-not-at-top
   quiet_logging()
   try:
     status = fn(*args, **kwargs)
   except RunFailed as e:
     return report(str(e), RUN_FAILED)
-  except ValueError as e:
-    return report(str(e), USAGE_ERROR)
-  except OSError as e:  # unreadable or unwritable files
-    return report(f'{e.filename}: {e.strerror}' if e.filename and e.strerror else str(e), USAGE_ERROR)
   except KeyboardInterrupt:
     return report('interrupted', INTERRUPTED)
+  except Exception as e:  # pylint: disable=broad-except
+    failure = paths.storage_failure(e)
+    if failure is not None:
+      return report(str(failure), RUN_FAILED if isinstance(failure, RunFailed) else USAGE_ERROR)
+    if isinstance(e, ValueError):
+      return report(str(e), USAGE_ERROR)
+    if isinstance(e, OSError):  # unreadable or unwritable files
+      return report(f'{e.filename}: {e.strerror}' if e.filename and e.strerror else str(e), USAGE_ERROR)
+    raise
   return OK if status is None else int(status)
 
 

@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import io
 import math
-import os
 import re
 from typing import Iterator, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from kpjax.data import keypoints as kp
 from kpjax.errors import CsvFormatError
+from kpjax.io import paths
 
 HEADER: tuple[str, ...] = ('image_id', 'image_category') + kp.KEYPOINT_NAMES
 ABSENT_CELL = '-1_-1_-1'
@@ -77,11 +77,11 @@ def format_coordinate(value: float, decimals: int = 0) -> str:
 
 
 def _open_rows(path: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-  if not os.path.isfile(path):
+  file = paths.resolve(path)
+  if not file.is_file():
     raise CsvFormatError(f'{path}: no such file; expected a FashionAI CSV')
   try:
-    with open(path, newline='', encoding='utf-8') as f:
-      rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(file.read_bytes().decode('utf-8'), newline='')))
   except (UnicodeDecodeError, csv.Error) as e:
     raise CsvFormatError(f'{path}: not a readable CSV file ({e})') from None
   if not rows:

@@ -1,5 +1,6 @@
 """Where training and evaluation records come from: a TFDS dataset built by kpjax.data.build (array_record,
-read without TensorFlow), or synthetic garments generated and built on first use.
+read without TensorFlow), or synthetic garments generated and built on first use. Either may be in a local
+directory or in gs://bucket/... (kpjax.io.paths): array_record reads its files from Cloud Storage itself.
 
 A record (one item of the TFDS `fashionai_keypoints` data source, see kpjax.data.build.fashionai) is
 {'image': encoded bytes (uint8 (H, W, 3) pixels are accepted too), 'image_id': str,
@@ -12,7 +13,6 @@ and the category an index into the set's categories, plus OBJECT_KEYS. A source 
 
 from __future__ import annotations
 
-import glob
 import os
 from typing import Any, Sequence
 
@@ -22,6 +22,7 @@ from kpjax.data import keypoint_sets
 from kpjax.data import keypoints as kp
 from kpjax.errors import DatasetNotFoundError
 from kpjax.io import atomic
+from kpjax.io import paths
 
 RECORD_KEYS = ('image', 'image_id', 'category', 'keypoints', 'visibility', 'height', 'width')
 # What a record of one object of a COCO file adds (kpjax.data.build.coco): its ids and file, its box and area
@@ -143,16 +144,16 @@ def _build_command(data_dir: str, name: str = kp.TFDS_NAME) -> str:
 
 def find_tfds_dir(data_dir: str, name: str) -> str | None:
   """The newest built version directory `data_dir/name/[config/]version` (holding dataset_info.json), or None."""
-  candidates = glob.glob(os.path.join(data_dir, name, '*', 'dataset_info.json'))
-  candidates += glob.glob(os.path.join(data_dir, name, '*', '*', 'dataset_info.json'))
+  root = paths.resolve(data_dir).joinpath(name)
+  candidates = list(root.glob('*/dataset_info.json')) + list(root.glob('*/*/dataset_info.json'))
   if not candidates:
     return None
 
   def version_key(path):
-    parts = os.path.basename(os.path.dirname(path)).split('.')
+    parts = path.parent.name.split('.')
     return tuple(int(p) if p.isdigit() else -1 for p in parts)
 
-  return os.path.dirname(max(candidates, key=version_key))
+  return os.fspath(max(candidates, key=version_key).parent)
 
 
 def _tfds_builder(data_dir: str, name: str):
@@ -199,12 +200,31 @@ def ensure_synthetic(base_dir: str, num_images: int, seed: int, name: str = kp.T
   parallel tests) may call this at once: each builds its own copy (generation is seeded, so the
   copies are identical), the first rename wins and the others discard theirs. That also works when
   hosts do not share a file system, where a "process 0 builds, the others wait" scheme would hang.
+
+  In a bucket (gs://), which every host sees, process 0 of a multi-process run builds and uploads it (a
+  local build, then kpjax.io.atomic's upload) while the others wait for it at a barrier.
   """
-  base_dir = os.path.abspath(os.path.expanduser(base_dir))
-  tfds_dir = os.path.join(base_dir, 'tfds')
+  base = paths.resolve(base_dir)
+  base_dir, tfds_dir = os.fspath(base), paths.join(base, 'tfds')
+  if paths.is_remote(base_dir):
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if jax.process_index() == 0:
+        _build_synthetic(base, tfds_dir, num_images, seed, name)
+      multihost_utils.sync_global_devices(f'kpjax synthetic dataset {base_dir}')  # every call, every process
+      if find_tfds_dir(tfds_dir, name) is None:
+        raise DatasetNotFoundError(f'process 0 did not build the synthetic dataset in {base_dir}')
+      return tfds_dir
+  return _build_synthetic(base, tfds_dir, num_images, seed, name)
+
+
+def _build_synthetic(base, tfds_dir: str, num_images: int, seed: int, name: str) -> str:
+  base_dir = os.fspath(base)
   if find_tfds_dir(tfds_dir, name) is not None:
     return tfds_dir
-  if os.path.exists(base_dir) and (not os.path.isdir(base_dir) or os.listdir(base_dir)):
+  leftover = base.exists() and (not base.is_dir() or any(base.iterdir()))
+  if leftover and not (paths.is_remote(base_dir) and not paths.is_complete(base)):  # an upload cut short is redone
     raise DatasetNotFoundError(f'{base_dir} exists but holds no built synthetic dataset (expected '
                                f'{name}/<version>/dataset_info.json under {tfds_dir}); remove it or point '
                                'config.data.synthetic_dir elsewhere')
@@ -229,12 +249,12 @@ def get_source(data, split: str, workdir: str | None = None) -> RecordSource:
   (or `<workdir>/synthetic`, SYNTHETIC_SUBDIR) on first use.
   """
   if data.source == 'tfds':
-    data_dir = os.path.abspath(os.path.expanduser(data.data_dir))
+    data_dir = os.fspath(paths.resolve(data.data_dir))
   else:  # 'synthetic' (kpjax.train.config_check allows no other)
     base = data.synthetic_dir
     if not base:
       if not workdir:
         raise ValueError("config.data.source='synthetic' needs config.data.synthetic_dir or a workdir")
-      base = os.path.join(workdir, SYNTHETIC_SUBDIR)
+      base = paths.join(workdir, SYNTHETIC_SUBDIR)
     data_dir = ensure_synthetic(base, int(data.synthetic_num_images), int(data.synthetic_seed), name=data.tfds_name)
   return open_tfds_source(data_dir, data.tfds_name, split)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import kpjax
 from kpjax.errors import ExportError
 from kpjax.io import atomic
+from kpjax.io import paths
 
 FORMATS = ('onnx', 'stablehlo')
 EXTRA_HINT = "pip install 'kpjax[export]'"
@@ -106,10 +107,10 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
   if fmt not in FORMATS:
     raise ExportError(f'unknown format {fmt!r}; expected one of {", ".join(FORMATS)}')
   batch = parse_batch(batch)
-  out = os.path.abspath(os.path.expanduser(out))
-  paths = [out] + ([out + '.json'] if fmt == 'stablehlo' else [])
-  for path in paths:
-    if os.path.isdir(path):
+  out = os.fspath(paths.resolve(out))  # a local file or gs://...
+  targets = [out] + ([out + '.json'] if fmt == 'stablehlo' else [])
+  for path in targets:
+    if paths.resolve(path).is_dir():
       raise ExportError(f'{path} is a directory; --out names the file to write')
     atomic.check_target(path, replace=force, flag='--force', error=ExportError)
   builder = _import_onnx_builder() if fmt == 'onnx' else None
@@ -143,7 +144,7 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
       written.append(path)
   except BaseException:
     for path in written:  # a half-finished pair is worse than none
-      os.unlink(path)
+      paths.resolve(path).unlink()
     raise
   b = 'batch' if batch is None else batch
   log(f'wrote {out} ({fmt}, {len(files[out]) / 1e6:.1f} MB): images float32 ({b}, {size}, {size}, 3) -> '

@@ -4,7 +4,14 @@
   an orbax composite checkpoint with the items `params` (the Flax variables) and `metadata` (JSON).
 * A training checkpoint (`save_training`, one per saved step of a run): `<workdir>/checkpoints/<step>/`,
   written by an orbax CheckpointManager (`training_manager`) with the items `state` (`step`, `params`,
-  `opt_state`), `metadata` (JSON) and `data` (the input pipeline's position, JSON).
+  `opt_state`), `metadata` (JSON) and `data` (the input pipeline's position, JSON). Saves are asynchronous:
+  `save_training` returns once the arrays are copied off the devices, and orbax writes them in the
+  background; the next save, `wait_for_saves` and closing the manager wait for it.
+
+Either may be a local directory or gs://bucket/... (kpjax.io.paths). A checkpoint that was being written
+when its process died is never taken for one: locally it is still under orbax's temporary name (renamed
+when complete), on an object store it lacks its `commit_success.txt` (written last, by orbax or
+kpjax.io.atomic), and `locate`, `training_steps` and the manager skip it.
 
 The metadata is a `kpjax.data.spec.ModelSpec` (category, n_locations, width, num_stages, input_size,
 preprocessing: how to rebuild and feed the model) plus where it came from (source, sha256, step, and for
@@ -15,6 +22,7 @@ training workdir (metrics, TensorBoard events, drawings) is kpjax.train.workdir'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +35,7 @@ import orbax.checkpoint as ocp
 from kpjax.data.spec import ModelSpec
 from kpjax.errors import CheckpointError, SpecMismatch
 from kpjax.io import atomic
+from kpjax.io import paths
 
 CHECKPOINTS_SUBDIR = 'checkpoints'  # inside a training workdir
 MODEL_ITEMS = ('params', 'metadata')
@@ -63,7 +72,7 @@ def _to_numpy(tree):
 
 
 def _abspath(path: str | os.PathLike) -> str:
-  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+  return os.fspath(paths.resolve(path))
 
 
 # ---- Model directories -------------------------------------------------------------------------
@@ -102,7 +111,7 @@ def training_manager(checkpoints_dir: str, keep: int, best_metric: str = BEST_ME
   count as the best)."""
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
-      create=True, enable_async_checkpointing=False,
+      create=True, enable_async_checkpointing=True,
       preservation_policy=policies.AnyPreservationPolicy([
           policies.LatestN(n=int(keep)),
           policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=lower_is_better, n=1,
@@ -118,15 +127,40 @@ def save_training(manager: ocp.CheckpointManager, step: int, state: dict[str, An
   state: {'step', 'params', 'opt_state'} (arrays); metadata: the model's (ModelSpec.metadata, with the
   run's config), `step` is added; data_state: the input pipeline's position (JSON types);
   best_metric: this step's `metric_name` (the manager's best_metric), when it was evaluated.
+
+  Returns once the arrays are copied to the host (waiting first for the previous save to complete); the
+  write goes on in the background (module docstring): `wait_for_saves` waits for it.
   """
   if manager.latest_step() == step:
     return
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      metadata=ocp.args.JsonSave(dict(metadata, step=step)),
-      data=ocp.args.JsonSave({'iterator': json.dumps(data_state, sort_keys=True)})),
-      metrics=None if best_metric is None else {metric_name: float(best_metric)})
-  manager.wait_until_finished()
+  with _saving(manager):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        metadata=ocp.args.JsonSave(dict(metadata, step=step)),
+        data=ocp.args.JsonSave({'iterator': json.dumps(data_state, sort_keys=True)})),
+        metrics=None if best_metric is None else {metric_name: float(best_metric)})
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+  """Returns when the checkpoint being written in the background (if any) is complete; raises its error."""
+  with _saving(manager):
+    manager.wait_until_finished()
+
+
+def close_training(manager: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written (if any), then closes the manager."""
+  with _saving(manager):
+    manager.close()
+
+
+@contextlib.contextmanager
+def _saving(manager: ocp.CheckpointManager):
+  """A storage failure of a (background) save names the run's checkpoints directory (kpjax.io.paths)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_storage_failure(e, os.fspath(manager.directory))
+    raise
 
 
 def restore_training(manager: ocp.CheckpointManager, like: dict[str, Any]) -> tuple[dict[str, Any], dict] | None:
@@ -142,25 +176,32 @@ def restore_training(manager: ocp.CheckpointManager, like: dict[str, Any]) -> tu
 
 
 def training_steps(checkpoints_dir: str) -> list[int]:
-  """The steps saved in a run's checkpoints directory, ascending ([] when there is none)."""
-  checkpoints_dir = _abspath(checkpoints_dir)
-  if not os.path.isdir(checkpoints_dir):
+  """The steps saved (completely) in a run's checkpoints directory, ascending ([] when there is none)."""
+  directory = paths.resolve(checkpoints_dir)
+  if not directory.is_dir():
     return []
-  return sorted(int(n) for n in os.listdir(checkpoints_dir)
-                if n.isdigit() and _items(os.path.join(checkpoints_dir, n)) == 'training')
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _items(p) == 'training')
 
 
 # ---- Finding and reading a model ---------------------------------------------------------------
 
-def _items(path: str) -> str | None:
-  """'model' or 'training' for a directory holding that format's items, else None."""
-  if not os.path.isdir(os.path.join(path, 'metadata')):
+def _items(path) -> str | None:
+  """'model' or 'training' for a (complete) directory holding that format's items, else None."""
+  path = paths.resolve(path)
+  if not path.joinpath('metadata').is_dir() or not paths.is_complete(path):
     return None
-  if os.path.isdir(os.path.join(path, 'params')):
+  if path.joinpath('params').is_dir():
     return 'model'
-  if os.path.isdir(os.path.join(path, 'state')):
+  if path.joinpath('state').is_dir():
     return 'training'
   return None
+
+
+def _raise_storage_failure(e: Exception, where: str) -> None:
+  """Raises the kpjax error for a storage failure (kpjax.io.paths) rather than call the checkpoint damaged."""
+  failure = paths.storage_failure(e, where)
+  if failure is not None:
+    raise failure from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,24 +221,24 @@ class Location:
 def locate(path: str, step: int | None = None) -> Location:
   """The model at `path`: a model directory, a training workdir (its latest checkpoint, or `step`), its
   checkpoints directory, or one step directory of it. Raises CheckpointError saying what was found."""
-  path = _abspath(path)
-  if not os.path.exists(path):
+  where = paths.resolve(path)
+  path = os.fspath(where)
+  if not where.exists():
     raise CheckpointError(f'checkpoint {path} does not exist; expected a kpjax model directory or a training workdir')
-  if not os.path.isdir(path):
+  if not where.is_dir():
     raise CheckpointError(f'{path} is a file; expected a kpjax model directory or a training workdir '
                           '(convert a PyTorch file first with python -m convert.torch_to_flax)')
-  kind = _items(path)
+  kind = _items(where)
   if kind == 'model':
     return Location(path, 'model')
   if kind == 'training':
-    parent = os.path.dirname(path)
-    workdir = os.path.dirname(parent) if os.path.basename(parent) == CHECKPOINTS_SUBDIR else None
-    name = os.path.basename(path)
-    return Location(path, 'training', workdir, int(name) if name.isdigit() else None)
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
-    workdir, checkpoints_dir = path, os.path.join(path, CHECKPOINTS_SUBDIR)
-  elif os.path.basename(path) == CHECKPOINTS_SUBDIR or any(n.isdigit() for n in os.listdir(path)):
-    workdir, checkpoints_dir = os.path.dirname(path), path
+    parent = where.parent
+    workdir = os.fspath(parent.parent) if parent.name == CHECKPOINTS_SUBDIR else None
+    return Location(path, 'training', workdir, int(where.name) if where.name.isdigit() else None)
+  if where.joinpath(CHECKPOINTS_SUBDIR).is_dir():
+    workdir, checkpoints_dir = path, os.fspath(where.joinpath(CHECKPOINTS_SUBDIR))
+  elif where.name == CHECKPOINTS_SUBDIR or any(p.name.isdigit() for p in where.iterdir()):
+    workdir, checkpoints_dir = os.fspath(where.parent), path
   else:
     raise CheckpointError(f'{path} is not a kpjax checkpoint: expected a model directory (params/ + metadata/) '
                           f'or a training workdir ({CHECKPOINTS_SUBDIR}/<step>/)')
@@ -208,7 +249,7 @@ def locate(path: str, step: int | None = None) -> Location:
     step = steps[-1]
   elif step not in steps:
     raise CheckpointError(f'{checkpoints_dir} has no checkpoint of step {step}; it has steps {steps}')
-  return Location(os.path.join(checkpoints_dir, str(step)), 'training', workdir, step)
+  return Location(paths.join(checkpoints_dir, str(step)), 'training', workdir, step)
 
 
 def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
@@ -219,6 +260,7 @@ def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
   try:
     restored = checkpointer.restore(where, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types for damaged files
+    _raise_storage_failure(e, where)
     raise CheckpointError(f'cannot read the metadata in {where}: {type(e).__name__}: {e}') from None
   finally:
     checkpointer.close()
@@ -238,6 +280,7 @@ def load_model(path: str, step: int | None = None) -> tuple[dict, dict[str, Any]
     restored = checkpointer.restore(location.directory, args=ocp.args.Composite(
         **{item: ocp.args.StandardRestore()}, metadata=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types for damaged files
+    _raise_storage_failure(e, location.directory)
     raise CheckpointError(f'cannot read the checkpoint in {location.directory}: {type(e).__name__}: {e}') from None
   finally:
     checkpointer.close()

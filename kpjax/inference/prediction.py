@@ -5,14 +5,14 @@ Each image is letterboxed (or resized, for converted KPDEM models) to the model'
 training, run in fixed-size jit-compiled batches, and its keypoints mapped back to the original
 image's pixels. Image ids are paths from the last `Images/` folder on (`Images/skirt/x.jpg`, the
 FashionAI layout), else the paths as found. An unreadable image is reported and skipped (and counted
-in the summary's problems).
+in the summary's problems). Images, folders, globs, the CSV and the drawings may be in gs://bucket/...
+(kpjax.io.paths).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import glob
 import json
 import os
 import sys
@@ -24,6 +24,7 @@ import numpy as np
 from kpjax.data import keypoints as kp
 from kpjax.errors import PredictionError
 from kpjax.io import atomic
+from kpjax.io import paths as paths_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 _GLOB_CHARS = set('*?[')
@@ -51,19 +52,18 @@ def collect_images(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
   found: list[tuple[str, str]] = []
   problems: list[str] = []
   for pattern in paths:
-    if os.path.isdir(pattern):
-      files = []
-      for dirpath, dirnames, filenames in os.walk(pattern):
-        dirnames.sort()
-        files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')]
+    is_glob = bool(_GLOB_CHARS & set(pattern))
+    where = paths_lib.resolve(pattern) if paths_lib.is_remote(pattern) and not is_glob else None
+    if where.is_dir() if where is not None else os.path.isdir(pattern):
+      files = [f for f in paths_lib.list_files(pattern)
+               if f.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(f).startswith('.')]
       if not files:
         problems.append(f'{pattern}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
       found += [(image_id(f, pattern), f) for f in files]
-    elif os.path.exists(pattern):
+    elif where.exists() if where is not None else os.path.exists(pattern):
       found.append((image_id(pattern), pattern))
-    elif _GLOB_CHARS & set(pattern):
-      files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    elif is_glob:
+      files = paths_lib.glob(pattern)
       if not files:
         problems.append(f'{pattern}: matches no file')
       found += [(image_id(f), f) for f in files]
@@ -73,7 +73,7 @@ def collect_images(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
   seen_paths: set[str] = set()
   owner: dict[str, str] = {}
   for iid, path in found:
-    real = os.path.realpath(path)
+    real = path if paths_lib.is_remote(path) else os.path.realpath(path)
     if real in seen_paths:
       continue
     seen_paths.add(real)
@@ -90,8 +90,7 @@ def _load(item: tuple[str, str, str], spec, keep_image: bool):
   from kpjax.data import images  # pylint: disable=g-import-not-at-top
   iid, path, category = item
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = paths_lib.resolve(path).read_bytes()
     image = images.decode_image(data, name=path)
     prepared, affine = spec.convention.prepare(image, spec.input_size)
   except (OSError, ValueError) as e:
@@ -158,7 +157,7 @@ def image_result(coords: np.ndarray, confidence: np.ndarray, category: str, mode
 def drawing_path(directory: str, iid: str) -> str:
   """Where --draw puts an image's drawing: its id's folders under `directory`, extension .png."""
   parts = [p if p not in ('', '.', '..') else '_' for p in os.path.splitext(iid)[0].split('/')]
-  return os.path.join(directory, *parts) + '.png'
+  return paths_lib.join(directory, *parts) + '.png'
 
 
 def assign_categories(items: list[tuple[str, str]], model_category: str, category: str | None,
@@ -221,6 +220,9 @@ def predict_files(checkpoint_path: str, image_paths: Sequence[str], out: str, *,
   from kpjax.inference import predictor  # pylint: disable=g-import-not-at-top
 
   log = log or (lambda line: print(line, file=sys.stderr))
+  for target in (out, draw):
+    if target:
+      paths_lib.resolve(target)  # a gs:// one without its bucket (or the gcs extra) stops here, before any work
   items, problems = collect_images(image_paths)
   if not items:
     raise PredictionError('no images to predict: ' + ('; '.join(problems) if problems else 'none given'))

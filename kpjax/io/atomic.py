@@ -15,6 +15,13 @@ os.rename: on POSIX it replaces only an empty directory and fails on a non-empty
 on Windows it never replaces; so replacing a directory is done in steps: the old one is moved aside
 (`.<name>.old-<pid>-<random>`), the new one moved in, and only then the old one deleted; if moving the
 new one in fails, the old one is moved back.
+
+On an object store (gs://, kpjax.io.paths) there is no rename, but an object appears whole when its upload
+completes. A staged file is written to a local temporary file and uploaded as one object. A staged directory
+is built in a local temporary directory, uploaded object by object, and then marked complete by one last
+object, `commit_success.txt` (paths.COMMIT_MARKER, orbax's name for the same thing): readers
+(paths.is_complete) take a directory without it for one that is not there. Replacing one removes the old
+marker first, so that a failure part-way leaves a directory that reads as incomplete, never as whole.
 """
 
 from __future__ import annotations
@@ -24,14 +31,20 @@ import errno
 import os
 import secrets
 import shutil
+import tempfile
 import warnings
 from typing import IO, Iterator
 
 from kpjax.errors import TargetExistsError
+from kpjax.io import paths
 
 
 def _abspath(path: str | os.PathLike) -> str:
-  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+  return os.fspath(paths.resolve(path))
+
+
+def _exists(path: str) -> bool:
+  return paths.resolve(path).exists() if paths.is_remote(path) else os.path.lexists(path)
 
 
 def check_target(path: str | os.PathLike, *, replace: bool, flag: str,
@@ -39,15 +52,23 @@ def check_target(path: str | os.PathLike, *, replace: bool, flag: str,
   """Returns the absolute `path`; raises `error` if it exists and not `replace` (`flag` is the CLI's option
   that allows replacing, e.g. '--force'). Callers check early, before slow work; staged_dir checks again."""
   path = _abspath(path)
-  if os.path.lexists(path) and not replace:
+  if _exists(path) and not replace:
     raise error(f'{path} already exists; choose another path, or pass {flag} to replace it')
   return path
 
 
 @contextlib.contextmanager
 def scratch_dir(beside: str | os.PathLike) -> Iterator[str]:
-  """A new private directory beside `beside` (so on its file system), removed with all it holds on exit."""
+  """A new private directory beside `beside` (so on its file system; a local temporary one for a gs://
+  `beside`), removed with all it holds on exit."""
   beside = _abspath(beside)
+  if paths.is_remote(beside):
+    path = tempfile.mkdtemp(prefix=f'.{os.path.basename(beside)}.tmp-{os.getpid()}-')
+    try:
+      yield path
+    finally:
+      _remove_tree(path)
+    return
   parent = os.path.dirname(beside)
   os.makedirs(parent, exist_ok=True)
   while True:
@@ -66,11 +87,15 @@ def scratch_dir(beside: str | os.PathLike) -> Iterator[str]:
 @contextlib.contextmanager
 def staged_file(path: str | os.PathLike) -> Iterator[str]:
   """Yields a temporary path for the body to write `path`'s new content to (e.g. PIL's save, torch.save);
-  when the body returns, the file is synced and renamed over `path`. Nothing changes if the body raises."""
+  when the body returns, the file is synced and renamed over `path` (gs://: uploaded as one object).
+  Nothing changes if the body raises."""
   path = _abspath(path)
   with scratch_dir(path) as scratch:
     new = os.path.join(scratch, os.path.basename(path))
     yield new
+    if paths.is_remote(path):
+      paths.upload_file(new, path)
+      return
     _fsync(new)
     os.replace(new, path)
   _fsync(os.path.dirname(path))
@@ -119,6 +144,9 @@ def staged_dir(path: str | os.PathLike, *, replace: bool = False, flag: str = '-
     yield new
     if not os.path.isdir(new):
       raise FileNotFoundError(f'staged_dir: nothing was built at {new} for {path}')
+    if paths.is_remote(path):
+      _publish(new, path, replace=replace, first_wins=first_wins, flag=flag, error=error)
+      return
     _fsync_tree(new)
     if replace and os.path.lexists(path):
       _swap(new, path)
@@ -132,6 +160,23 @@ def staged_dir(path: str | os.PathLike, *, replace: bool = False, flag: str = '-
           check_target(path, replace=False, flag=flag, error=error)
           raise
   _fsync(os.path.dirname(path))
+
+
+def _publish(new: str, path: str, *, replace: bool, first_wins: bool, flag: str, error: type[Exception]) -> None:
+  """Uploads the local directory `new` to the gs:// directory `path`, marked complete last (module docstring)."""
+  target = paths.resolve(path)
+  if target.exists():
+    if first_wins and paths.is_complete(target):
+      return  # another process's copy is in place
+    if not (replace or first_wins):  # it appeared while we were building
+      check_target(path, replace=False, flag=flag, error=error)
+    if replace:
+      marker = target.joinpath(paths.COMMIT_MARKER)
+      if marker.exists():
+        marker.unlink()  # from here on the old directory reads as incomplete
+      target.rmtree()
+  paths.upload_tree(new, target, exclude=(paths.COMMIT_MARKER,))
+  target.joinpath(paths.COMMIT_MARKER).write_text(f'kpjax: {path} is complete\n')
 
 
 def _swap(new: str, path: str) -> None:

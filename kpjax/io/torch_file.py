@@ -49,6 +49,7 @@ import ml_dtypes
 import numpy as np
 
 from kpjax.errors import TorchFileError, UnsafeTorchFileError
+from kpjax.io import paths
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a legacy torch.save file
 LEGACY_PROTOCOL = 1001  # second pickle
@@ -548,7 +549,11 @@ def read_object(path: str, modules: ModuleClasses | None = None) -> tuple[Any, s
   containers as dicts (OrderedDicts), lists, tuples and sets, and whole torch.nn modules, when their
   classes are among `modules.names`, as PickledModule stand-ins (see `module_state_dict`).
   Raises TorchFileError (UnsafeTorchFileError for pickles needing other globals) naming what was found.
+  `path` may be gs://... (read from a local copy, kpjax.io.paths).
   """
+  if paths.is_remote(path):
+    with paths.local_copy(path) as local:
+      return read_state_dict(local)
   path = os.path.expanduser(path)
   fmt = file_format(path)
   return (_read_zip if fmt == 'zip' else _read_legacy)(path, modules), fmt

@@ -7,10 +7,12 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 from kpjax.errors import MetricsFileError
 from kpjax.io import atomic
+from kpjax.io import paths
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -20,8 +22,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
   written, or cut off when a run was killed). Any other bad line raises MetricsFileError naming it:
   plotting and resuming refuse a damaged log rather than guess what it held.
   """
-  with open(path, encoding='utf-8') as f:
-    text = f.read()
+  text = paths.resolve(path).read_text(encoding='utf-8')
   lines = text.split('\n')  # json.dumps never writes a newline inside a record
   records = []
   for n, line in enumerate(lines, 1):
@@ -48,25 +49,41 @@ class MetricWriter:
   saved no checkpoint left; a resumed run drops the lines of steps after the checkpoint it resumed from,
   and rewrites the TensorBoard events from the lines it keeps (event files cannot be cut), so neither log
   shows a step twice. A damaged line stops it with MetricsFileError (see read_metrics).
+
+  On an object store (gs://), which cannot append, the writer keeps the lines and rewrites the whole object
+  (kpjax.io.atomic), at most every `rewrite_every_s` seconds, at `flush()` (the loop flushes before each
+  checkpoint, so that a resumed run finds every line up to its step) and at `close()`. TensorBoard events
+  are then written to a local temporary directory and uploaded (each event file as one object) at the same
+  times. (tensorboardX can write gs:// itself, but its writer uploads again whenever it is garbage
+  collected, after the run too, and its background flushes fail without telling the run.)
   """
 
-  def __init__(self, path: str, tensorboard_dir: str, enabled: bool = True, resume_step: int | None = None):
+  def __init__(self, path: str, tensorboard_dir: str, enabled: bool = True, resume_step: int | None = None,
+               rewrite_every_s: float = 30.0):
     self.path = path
     self.enabled = enabled
     self._tb = None
     self._written = False
+    self._remote = paths.is_remote(path)
+    self._lines: list[str] = []  # gs://: every line of the object
+    self._rewrite_every_s, self._rewritten, self._pending = rewrite_every_s, time.monotonic(), False
     if not enabled:
       return
     kept = []
-    if resume_step is not None and os.path.exists(self.path):
+    exists = paths.resolve(self.path).exists()
+    if resume_step is not None and exists:
       kept = [r for r in read_metrics(self.path) if r.get('step', 0) <= resume_step]
-    if kept or os.path.exists(self.path):
-      atomic.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
+    self._lines = [json.dumps(r) + '\n' for r in kept]
+    if kept or exists:
+      atomic.write_text(self.path, ''.join(self._lines))
     self._written = bool(kept)
-    if os.path.isdir(tensorboard_dir):
-      shutil.rmtree(tensorboard_dir)
+    tensorboard = paths.resolve(tensorboard_dir)
+    if tensorboard.is_dir():
+      tensorboard.rmtree()
+    self._tb_remote = os.fspath(tensorboard) if self._remote else None
+    self._tb_local = tempfile.mkdtemp(prefix='kpjax-tensorboard-') if self._remote else tensorboard_dir
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (a dependency: no silent fallback)
-    self._tb = SummaryWriter(tensorboard_dir)
+    self._tb = SummaryWriter(self._tb_local)
     for record in kept:
       self._add_scalars(record['step'], {k: v for k, v in record.items() if k != 'step'})
 
@@ -80,19 +97,40 @@ class MetricWriter:
       return
     record = {'step': int(step)}
     record.update({k: float(v) for k, v in scalars.items()})
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    line = json.dumps(record) + '\n'
+    if self._remote:
+      self._lines.append(line)
+      self._pending = True
+      if time.monotonic() - self._rewritten >= self._rewrite_every_s:
+        self.flush()
+    else:
+      with open(self.path, 'a') as f:
+        f.write(line)
     self._written = True
     if self._tb is not None:
       self._add_scalars(step, scalars)
+
+  def flush(self) -> None:
+    """Makes every line written so far durable (gs://: rewrites the object; local lines already are)."""
+    if self.enabled and self._pending:
+      atomic.write_text(self.path, ''.join(self._lines))
+      if self._tb is not None:
+        self._tb.flush()
+        paths.upload_tree(self._tb_local, self._tb_remote)
+      self._pending, self._rewritten = False, time.monotonic()
 
   def has_records(self) -> bool:
     """Whether the metrics file holds a record (this process writes it)."""
     return self.enabled and self._written
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    try:
+      self.flush()
+    finally:
+      if self._tb is not None:
+        self._tb.close()
+        if self._remote:
+          shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 class Progress:

@@ -2,8 +2,9 @@
 
 Data-parallel over every device of every process, evaluated with FashionAI's NE (and, on COCO-format data,
 COCO's keypoint AP: kpjax.inference.scoring), checkpointed with orbax (state, data iterator position,
-metadata) and resumed from the workdir by itself. The model's outputs, masks and flips are the keypoint
-set of the data the config names (kpjax.data.sources.dataset_keypoint_set).
+metadata; asynchronously: the steps go on while a checkpoint is written) and resumed from the workdir by
+itself. The model's outputs, masks and flips are the keypoint set of the data the config names
+(kpjax.data.sources.dataset_keypoint_set). The workdir may be gs://bucket/... (kpjax.io.paths).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 
 from kpjax.data import sources
 from kpjax.data import spec as spec_lib
-from kpjax.errors import ConfigError, TrainingError
+from kpjax.errors import ConfigError, StorageAccessError, StorageFailed, TrainingError
 from kpjax.inference import checkpoints
 from kpjax.inference import devices
+from kpjax.io import paths
 from kpjax.model import vgg19
 from kpjax.train import config_check
 from kpjax.train import step as ts
@@ -125,9 +127,25 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   Returns {'step': the last step trained, 'eval/ne': the last validation NE (None if this call
   evaluated nothing, or the data defines no NE), 'stopped_by': the signal number that stopped the run
   early, or None}, and for COCO-format data 'eval/ap' (the last validation AP, or None).
-  Raises TrainingError on a non-finite loss, ValueError (and subclasses: ConfigError,
-  DatasetNotFoundError, CheckpointError, SpecMismatch) for configs, data or checkpoints that cannot be used.
+  Raises TrainingError on a non-finite loss, StorageFailed when the storage kept failing (kpjax.io.paths),
+  ValueError (and subclasses: ConfigError, DatasetNotFoundError, CheckpointError, SpecMismatch,
+  StorageAccessError) for configs, data, checkpoints or storage that cannot be used.
   """
+  try:
+    return _train_and_evaluate(config, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    failure = e if isinstance(e, (StorageAccessError, StorageFailed)) else paths.storage_failure(e, default=workdir)
+    if failure is None:
+      raise
+    try:
+      kept = _kept(Workdir.at(workdir))
+    except Exception:  # pylint: disable=broad-except  (the storage that failed may fail again)
+      kept = None
+    raise (type(failure)(f'{failure}; {kept}') if kept else failure) from None
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  from kpjax.data import sources  # pylint: disable=g-import-not-at-top
   from kpjax.inference import predictor  # pylint: disable=g-import-not-at-top
   from kpjax.inference import scoring  # pylint: disable=g-import-not-at-top
   from kpjax.train import curves  # pylint: disable=g-import-not-at-top
@@ -139,6 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   spec = spec_lib.ModelSpec.from_config(config, sources.dataset_keypoint_set(config.data))
   main, lower_is_better = scoring.main_metric(spec.keypoint_set)
   resume_step = workdir.latest_step()  # None: a fresh run
+  paths.check_writable(workdir.root)  # gs://: the bucket takes writes and deletes, before anything is done
   pretrained = initial = None
   if resume_step is not None:
     _check_resumable(config, workdir)
@@ -222,10 +241,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if eval_now:
         last_best = evaluate(step)
       if save:
+        writer.flush()  # the lines up to this step are durable before its checkpoint can be
         checkpoints.save_training(manager, step, state.as_dict(), metadata, train_iter.get_state(),
                                   last_best if eval_now else None, metric_name=f'eval/{main}')
       window.exclude(time.perf_counter() - paused)  # images/s counts training time only
       if stopping:
+        checkpoints.wait_for_saves(manager)
         progress.note(f'stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved '
                       f'in {manager.directory}: rerun the same command to resume')
         break
@@ -234,10 +255,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     progress.close()
     writer.close()
     train_iter.close()
-    manager.close()
+    checkpoints.close_training(manager)  # waits for the checkpoint being written
   if process == 0 and writer.has_records() and stop.signal is None:
     curves.plot_curves(workdir.metrics, workdir.curves, ne_key=f'eval/{main}')
   return {'step': step, **last, 'stopped_by': stop.signal}
+
+
+def _kept(workdir: Workdir) -> str | None:
+  """What a failed run leaves, for a message: its last complete checkpoint (None: none)."""
+  steps = checkpoints.training_steps(workdir.checkpoints)
+  if not steps:
+    return None
+  return f'the last complete checkpoint (step {steps[-1]}) is kept in {workdir.checkpoints}: rerun the same command ' \
+         'to resume from it'
 
 
 class _TrainWindow:
@@ -259,6 +289,7 @@ class _TrainWindow:
   def add(self, step: int, metrics, manager) -> None:
     metrics = jax.device_get(metrics)
     if not metrics['finite']:
+      checkpoints.wait_for_saves(manager)
       kept = manager.latest_step()
       raise TrainingError(
           f'training diverged: the loss or its gradient is not finite at step {step} (loss {metrics["loss"]}); '

@@ -6,6 +6,8 @@
     <workdir>/predictions/step_XXXXXXX.png   validation predictions drawn at each evaluation
     <workdir>/curves.png                     loss and NE (COCO data: AP), plotted at the end of a run
     <workdir>/synthetic/                     generated data (config.data.source = 'synthetic', no synthetic_dir)
+
+The workdir may be a local directory or gs://bucket/... (kpjax.io.paths); its paths are strings either way.
 """
 
 from __future__ import annotations
@@ -16,40 +18,41 @@ from typing import Any
 
 from kpjax.data import sources
 from kpjax.inference import checkpoints
+from kpjax.io import paths
 
 
 @dataclasses.dataclass(frozen=True)
 class Workdir:
-  """The paths of one run's directory (`root`, absolute) and what its checkpoints say."""
+  """The paths of one run's directory (`root`, absolute or gs://) and what its checkpoints say."""
   root: str
 
   @classmethod
   def at(cls, path: str | os.PathLike) -> Workdir:
-    return cls(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    return cls(os.fspath(paths.resolve(path)))
 
   @property
   def checkpoints(self) -> str:
-    return os.path.join(self.root, checkpoints.CHECKPOINTS_SUBDIR)
+    return paths.join(self.root, checkpoints.CHECKPOINTS_SUBDIR)
 
   @property
   def metrics(self) -> str:
-    return os.path.join(self.root, 'metrics.jsonl')
+    return paths.join(self.root, 'metrics.jsonl')
 
   @property
   def tensorboard(self) -> str:
-    return os.path.join(self.root, 'tensorboard')
+    return paths.join(self.root, 'tensorboard')
 
   @property
   def curves(self) -> str:
-    return os.path.join(self.root, 'curves.png')
+    return paths.join(self.root, 'curves.png')
 
   @property
   def synthetic(self) -> str:
-    return os.path.join(self.root, sources.SYNTHETIC_SUBDIR)
+    return paths.join(self.root, sources.SYNTHETIC_SUBDIR)
 
   def predictions(self, step: int) -> str:
     """The drawing of the validation predictions at `step`."""
-    return os.path.join(self.root, 'predictions', f'step_{step:07d}.png')
+    return paths.join(self.root, 'predictions', f'step_{step:07d}.png')
 
   def latest_step(self) -> int | None:
     """The last step checkpointed here, or None for a fresh run."""

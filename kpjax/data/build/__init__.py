@@ -16,18 +16,20 @@ its image) stops the build at the first case with a message naming the file, row
 nothing behind; with --skip-bad each bad row/image is skipped and listed. Labels are never guessed.
 The dataset is written to a temporary directory inside --data-dir and moved into place only when complete;
 with --overwrite the old dataset stays until then, and stays whole if the build or the move fails.
+Either directory may be gs://bucket/... (kpjax.io.paths): the dataset is then built in a local temporary
+directory and uploaded, marked complete last (kpjax.io.atomic), and the FashionAI files are read from the
+bucket.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-from typing import Sequence
 
 from kpjax.data.build.fashionai import NAME, VERSION
 from kpjax.errors import BuildError
 from kpjax.io import atomic
+from kpjax.io import paths
 
 __all__ = ['BuildSummary', 'build_coco_dataset', 'build_dataset', 'dataset_dir']
 
@@ -43,7 +45,7 @@ class BuildSummary:
 
 
 def dataset_dir(data_dir: str, name: str = NAME, version: str = VERSION) -> str:
-  return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), name, version)
+  return paths.join(paths.resolve(data_dir), name, version)
 
 
 def build_dataset(manual_dir: str, data_dir: str, *, skip_bad: bool = False, validation_fraction: float = 0.1,
@@ -56,7 +58,7 @@ def build_dataset(manual_dir: str, data_dir: str, *, skip_bad: bool = False, val
   """
   from kpjax.data.build import fashionai  # pylint: disable=g-import-not-at-top  (imports tensorflow_datasets)
 
-  manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
+  manual_dir = os.fspath(paths.resolve(manual_dir))
   final = dataset_dir(data_dir)
   atomic.check_target(final, replace=overwrite, flag='--overwrite', error=BuildError)
   fashionai.find_sources(manual_dir)  # a clear error before anything is created
@@ -100,8 +102,8 @@ def write_staged(final: str, name: str, version: str, make_builder, *, overwrite
     return builder, counts
   finally:
     parent = os.path.dirname(final)
-    if os.path.isdir(parent) and not os.listdir(parent):
-      os.rmdir(parent)  # no empty <name>/ left by a failed build
+    if not paths.is_remote(parent) and os.path.isdir(parent) and not os.listdir(parent):
+      os.rmdir(parent)  # no empty <name>/ left by a failed build (a bucket has no empty folders)
 
 
 def build_coco_dataset(annotations: str, images_dir: str, name: str, data_dir: str, **kwargs) -> BuildSummary:

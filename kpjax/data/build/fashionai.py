@@ -29,6 +29,7 @@ from kpjax.data import fashionai_csv as csv_io
 from kpjax.data import images
 from kpjax.data import keypoints as kp
 from kpjax.errors import BuildError, ImageError
+from kpjax.io import paths
 
 NAME = kp.TFDS_NAME  # 'fashionai_keypoints'
 _classproperty = tfds.core.utils.classproperty
@@ -78,16 +79,16 @@ def validation_hash(image_id: str) -> float:
 
 def find_sources(manual_dir: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
   """([(folder, train csv)], [(folder, test csv)]) present under manual_dir; BuildError when no labels."""
-  if not os.path.isdir(manual_dir):
+  if not paths.resolve(manual_dir).is_dir():
     raise BuildError(f'{manual_dir}: no such directory; expected the unpacked FashionAI archives '
                      '(train/Annotations/train.csv, train/Images/...)')
   train, test = [], []
   for folders, csvs, out in ((TRAIN_FOLDERS, TRAIN_CSVS, train), (TEST_FOLDERS, TEST_CSVS, test)):
     for folder in folders:
       for name in csvs:
-        path = os.path.join(manual_dir, folder, name)
-        if os.path.isfile(path):
-          out.append((os.path.join(manual_dir, folder), path))
+        path = paths.join(manual_dir, folder, name)
+        if paths.resolve(path).is_file():
+          out.append((paths.join(manual_dir, folder), path))
           break
   if not train:
     raise BuildError(f'{manual_dir}: found no annotations; expected train/Annotations/train.csv (or '
@@ -115,7 +116,7 @@ def read_items(manual_dir: str, bad: list[str] | None) -> tuple[list[Item], list
       bad.append(msg)
       return
     seen[key] = where
-    path = os.path.join(folder, *image_id.split('/'))
+    path = paths.join(folder, *image_id.split('/'))
     out.append(Item(key, path, image_id, category, keypoints, visibility, where))
 
   for folder, csv_path in train_sources:
@@ -141,8 +142,7 @@ def read_image(path: str, where: str) -> tuple[bytes, np.ndarray]:
   """(file bytes, decoded uint8 (H, W, 3)) of an image file; BuildError starting with `where` when it is
   missing, unreadable or does not decode."""
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = paths.resolve(path).read_bytes()  # a local file or gs://...
   except FileNotFoundError:
     raise BuildError(f'{where}: image file {path} is missing') from None
   except OSError as e:

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 from kpjax.data import fashionai_csv as csv_io
 from kpjax.data import keypoints as kp
 from kpjax.io import atomic
+from kpjax.io import paths
 
 JPEG_QUALITY = 90
 MIN_SIDE, MAX_SIDE = 128, 512  # FashionAI images are 512 x 512 and smaller
@@ -448,11 +449,12 @@ def _write_split(split_dir: str, seed: int, stream: int, count: int) -> list[tup
 
 
 def new_output_dir(out_dir: str) -> str:
-  """`out_dir` as an absolute path, if it does not exist or is empty (a synthetic set is written whole)."""
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise ValueError(f'{out_dir} already exists and is not empty; choose another --out or remove it')
-  return out_dir
+  """`out_dir` resolved (kpjax.io.paths: absolute, or gs://...), if it does not exist or is empty (a synthetic
+  set is written whole)."""
+  out = paths.resolve(out_dir)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise ValueError(f'{out} already exists and is not empty; choose another --out or remove it')
+  return os.fspath(out)
 
 
 def generate(out_dir: str, num_images: int, seed: int, num_test: int | None = None) -> str:
@@ -468,8 +470,8 @@ def generate(out_dir: str, num_images: int, seed: int, num_test: int | None = No
   num_test = max(1, num_images // 10) if num_test is None else int(num_test)
   if num_test < 0:
     raise ValueError(f'num_test must be >= 0; got {num_test}')
-  out_dir = new_output_dir(out_dir)
-  with atomic.staged_dir(out_dir, replace=os.path.isdir(out_dir)) as tmp:  # an empty one (checked above)
+  out_dir = new_output_dir(out_dir)  # a local directory or gs://... (built locally, then uploaded)
+  with atomic.staged_dir(out_dir, replace=paths.resolve(out_dir).is_dir()) as tmp:  # an empty one (checked above)
     rows = _write_split(os.path.join(tmp, 'train'), seed, 0, num_images)
     atomic.write_text(os.path.join(tmp, 'train', 'Annotations', 'train.csv'), csv_io.format_submission(rows))
     test_rows = _write_split(os.path.join(tmp, 'test'), seed, _TEST_STREAM, num_test)
