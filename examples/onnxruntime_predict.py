@@ -38,9 +38,10 @@ def prepare(img: Image.Image, meta: dict) -> tuple[np.ndarray, dict]:
   if meta['preprocessing'] == 'kpjax':  # letterbox into S x S, then ImageNet mean/std
     scale = size / max(width, height)
     pad = np.array([size - scale * width, size - scale * height]) / 2
-    factor = max(1, int(1 / scale))  # shrinking 2x or more: box-filter by the whole factor first
+    factor = max(1, min(int(1 / scale), width, height))  # shrinking 2x or more: box-filter by the whole factor
     a = 1 / (scale * factor)
-    boxed = (img.reduce(factor) if factor > 1 else img).transform(
+    whole = (0, 0, width - width % factor, height - height % factor)  # whole factor x factor boxes only
+    boxed = (img.reduce(factor, box=whole) if factor > 1 else img).transform(
         (size, size), Image.Transform.AFFINE, (a, 0, -pad[0] * a, 0, a, -pad[1] * a),
         resample=Image.Resampling.BILINEAR, fillcolor=FILL)
     x = (np.asarray(boxed, np.float32) - MEAN) / STD

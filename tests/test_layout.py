@@ -1,7 +1,7 @@
 """The layering of kpjax/ holds: folders are layers and imports point down, read from the source with `ast`.
 
     kpjax/errors.py (and kpjax/__init__.py, the version)  <  io  <  model  <  data  <  metrics  <  inference
-        <  train  <  export  <  cli
+        <  train  <  export  <  serve  <  cli
 
 Every import counts, at module level or inside a function (lazy imports too), as do module names given to
 importlib as strings. Only kpjax/cli/* and the entry shims (kpjax/evaluate.py, kpjax/predict.py,
@@ -22,7 +22,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'kpjax')
-LAYERS = ('io', 'model', 'data', 'metrics', 'inference', 'train', 'export', 'cli')
+LAYERS = ('io', 'model', 'data', 'metrics', 'inference', 'train', 'export', 'serve', 'cli')
 BOTTOM = -1  # the layer of kpjax.errors and kpjax/__init__.py: every layer may import them
 TOP_LEVEL = {'kpjax': BOTTOM, 'kpjax.errors': BOTTOM, 'kpjax.dsnt': LAYERS.index('model')}  # dsnt: model.dsnt's name
 ENTRY_SHIMS = {'kpjax.evaluate', 'kpjax.predict'}  # and every __main__

@@ -130,7 +130,7 @@ def test_a_missing_split_names_the_splits_there_are(tmp_path, monkeypatch):
 
   def builder_from_directory(path):  # what tfds reads from a built directory: its splits
     opened.append(path)
-    return types.SimpleNamespace(info=types.SimpleNamespace(splits={'validation': 9, 'train': 16}),
+    return types.SimpleNamespace(info=types.SimpleNamespace(splits={'validation': 9, 'train': 16}, metadata=None),
                                  as_data_source=lambda split: [_raw(0, 'skirt')] * {'train': 16}[split])
 
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', types.SimpleNamespace(

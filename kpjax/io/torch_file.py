@@ -553,7 +553,7 @@ def read_object(path: str, modules: ModuleClasses | None = None) -> tuple[Any, s
   """
   if paths.is_remote(path):
     with paths.local_copy(path) as local:
-      return read_state_dict(local)
+      return read_object(local, modules)
   path = os.path.expanduser(path)
   fmt = file_format(path)
   return (_read_zip if fmt == 'zip' else _read_legacy)(path, modules), fmt
@@ -606,7 +606,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
   Only a state dict's globals are allowed (no whole modules). Arrays keep torch's shapes (conv weights
   OIHW) and dtypes. Raises TorchFileError (UnsafeTorchFileError for other globals) naming what was found.
+  `path` may be gs://... (read from a local copy, kpjax.io.paths).
   """
+  if paths.is_remote(path):
+    with paths.local_copy(path) as local:
+      return read_state_dict(local)
   path = os.path.expanduser(path)
   obj, _ = read_object(path)
   if not isinstance(obj, dict):
