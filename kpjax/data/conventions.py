@@ -11,10 +11,11 @@ release):
           skimage's resize to a square, /255 twice; coordinates are input pixel / size in [0, 1].
 
 Everything that depends on the convention (preparing an image, model coordinates <-> input pixels <->
-original pixels, undoing a horizontal flip, whether training may augment, which convolutions
-reproduce the model best, an example input for checks) is a method of its object, so callers hold a
-`IOConvention` and never compare names. Pixel conventions are kpjax.data.geometry's: integer
-coordinates are pixel centres, an affine maps original pixel (x, y) to input pixel (x, y).
+original pixels, which input pixels lie on the input, undoing a horizontal flip, whether training may
+augment, which convolutions reproduce the model best, an example input for checks) is a method of its
+object, so callers hold an `IOConvention` and never compare names. Pixel conventions are
+kpjax.data.geometry's: integer coordinates are pixel centres, an affine maps original pixel (x, y) to
+input pixel (x, y).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class IOConvention:
 
   def input_pixels_to_coords(self, pixels, size: int) -> np.ndarray:
     """Input pixels (..., L, 2) -> model coordinates: the training targets' convention, float64."""
+    raise NotImplementedError
+
+  def inside(self, pixels, size: int) -> np.ndarray:
+    """bool (..., L): whether input pixels (..., L, 2) lie on the size x size input, as this convention's
+    pixels measure it (a training target is kept only there; NaN is outside)."""
     raise NotImplementedError
 
   def flipped_to_original(self, coords, affine, size: int) -> np.ndarray:
@@ -90,6 +96,11 @@ class KpjaxConvention(IOConvention):
 
   def input_pixels_to_coords(self, pixels, size):
     return (2 * np.asarray(pixels, np.float64) + 1) / size - 1  # dsntnn.pixel_to_normalized_coordinates
+
+  def inside(self, pixels, size):
+    # Integer coordinates are pixel centres: the square spans [-0.5, S - 0.5] (coords [-1, 1]).
+    pixels = np.asarray(pixels, np.float64)
+    return np.all((pixels >= -0.5) & (pixels <= size - 0.5), axis=-1)
 
   def flipped_to_original(self, coords, affine, size):
     # Flipping the input maps input column q to S - 1 - q, i.e. normalised x to -x; the image's own
@@ -138,7 +149,11 @@ class KpdemConvention(IOConvention):
 
   def input_pixels_to_coords(self, pixels, size):
     pixels = np.asarray(pixels, np.float64)
-    return kpdem.input_pixels_to_coords(np.floor(pixels) if self.targets == 'truncated' else pixels, size)
+    return kpdem.input_pixels_to_coords(kpdem.truncate_pixels(pixels) if self.targets == 'truncated' else pixels,
+                                        size)
+
+  def inside(self, pixels, size):
+    return kpdem.inside_input(pixels, size)  # [0, S]: the corner-aligned image of the annotations' [0, W]
 
   def coords_to_original(self, coords, affine, size):
     affine = np.asarray(affine, np.float64)
