@@ -63,6 +63,12 @@ class IOConvention:
     """A random float32 batch (B, S, S, 3) in the value range this convention's inputs have (for checks)."""
     raise NotImplementedError
 
+  def other_input_size_problem(self, trained_size: int, size: int) -> str | None:
+    """Why a model trained on trained_size x trained_size inputs cannot be run (and its outputs read as
+    this convention says) at another `size`; None when it can."""
+    del trained_size, size
+    return None
+
   def coords_to_original(self, coords, affine, size: int) -> np.ndarray:
     """Model coordinates (..., L, 2) -> original-image pixels through the inverse of `affine` (..., 2, 3)."""
     pixels = self.coords_to_input_pixels(coords, size)
@@ -154,6 +160,13 @@ class KpdemConvention(IOConvention):
 
   def inside(self, pixels, size):
     return kpdem.inside_input(pixels, size)  # [0, S]: the corner-aligned image of the annotations' [0, W]
+
+  def other_input_size_problem(self, trained_size, size):
+    if self.targets != 'truncated' or size == trained_size:
+      return None
+    return (f"its outputs are cells of the {trained_size}-pixel grid its 'truncated' targets were made on "
+            f'(floor(x * {trained_size} / W) / {trained_size}), which only its own input size '
+            f'{trained_size} reads back; at {size} they would be read on a {size}-pixel grid')
 
   def coords_to_original(self, coords, affine, size):
     affine = np.asarray(affine, np.float64)
