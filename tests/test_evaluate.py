@@ -87,6 +87,40 @@ def test_mismatched_files_are_errors_naming_the_image(tmp_path, capsys, pred_row
   assert not out.exists()
 
 
+def test_predicted_cells_outside_the_category_are_ignored_and_counted(tmp_path, capsys):
+  """A 24-output model fills every cell; FashionAI's scorers read only each category's visible ground-truth
+  keypoints, so such cells change nothing and are counted. Annotations stay strict."""
+  def fill(row, category):
+    cells = row.rstrip('\n').split(',')
+    outside = [2 + j for j in range(kp.NUM_KEYPOINTS) if not kp.category_mask(category)[j]]
+    for n, j in enumerate(outside):
+      cells[j] = f'{7 + n}_{9 + n}_1'
+    return ','.join(cells) + '\n', len(outside)
+
+  (skirt, n_skirt), (blouse, n_blouse) = fill(PRED_ROWS[0], 'skirt'), fill(PRED_ROWS[1], 'blouse')
+  assert (n_skirt, n_blouse) == (20, 11)
+  gt, pred = _files(tmp_path, pred_rows=[skirt, blouse])
+  out = tmp_path / 'ne.json'
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred, '--json', str(out)]) == 0
+  captured = capsys.readouterr()
+  assert 'note: 31 predicted cells of keypoints outside their image\'s category were ignored' in captured.err
+  m = json.loads(out.read_text())
+  (tmp_path / 'plain').mkdir()
+  plain = evaluate.evaluate_files(*_files(tmp_path / 'plain'))[0]
+  assert m['ignored_cells'] == 31 and plain['ignored_cells'] == 0
+  assert {k: v for k, v in m.items() if k != 'ignored_cells'} == {
+      k: v for k, v in plain.items() if k != 'ignored_cells'}
+  assert m['ne'] == pytest.approx(np.mean(SKIRT + BLOUSE))
+  # A malformed cell is an error wherever it is; an annotation of a keypoint outside the category too.
+  gt, pred = _files(tmp_path, pred_rows=[skirt.replace('7_9_1', '7_9'), blouse])
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred]) == 2
+  assert 'malformed keypoint cell' in capsys.readouterr().err
+  gt, pred = _files(tmp_path, gt_rows=[GT_ROWS[0], blouse], pred_rows=[skirt, blouse])
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and 'gt.csv: row 3' in err and 'blouse has no keypoint waistline_left' in err
+
+
 def test_unnormalisable_images_are_reported(tmp_path, capsys):
   gt_rows = [GT_ROWS[0], GT_ROWS[1].replace(',100_100_1,', ',-1_-1_-1,')]  # blouse armpit_right absent
   assert gt_rows[1].split(',')[2 + kp.KEYPOINT_NAMES.index('armpit_right')] == '-1_-1_-1'
