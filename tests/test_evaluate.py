@@ -229,3 +229,27 @@ def test_scores_a_model_on_a_dataset_split(tmp_path, monkeypatch, capsys):
   # A config that disagrees with the checkpoint is an error, not a different model.
   assert evaluate_cli.main(argv[:2] + tp.SLIM + ['--checkpoint', ckpt]) == 2
   assert 'input_size' in capsys.readouterr().err
+
+
+def test_scores_a_step_directory_of_a_synthetic_data_run(tmp_path, capsys):
+  """A run on config.data.source='synthetic' keeps its data in <workdir>/synthetic: --checkpoint of one of
+  its step directories finds the run (kpjax.inference.checkpoints.locate) and so the data, and scores
+  that step as --checkpoint <workdir> --step N does."""
+  import train_fixture as fx  # pylint: disable=g-import-not-at-top
+  from kpjax.train import loop  # pylint: disable=g-import-not-at-top
+  overrides = {'category': 'all', 'data.source': 'synthetic', 'data.synthetic_num_images': 20, 'total_steps': 2,
+               'eval_every_steps': 100, 'checkpoint_every_steps': 1, 'num_vis_images': 0, 'data.num_eval_images': 4}
+  workdir = tmp_path / 'run'
+  loop.train_and_evaluate(fx.tiny_config(**overrides), str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2'] and (workdir / 'synthetic' / 'tfds').is_dir()
+  flags = [f'--config.{k}={v}' for k, v in dict(overrides, input_size=32, **{'model.width': 0.125,
+                                                                            'model.num_stages': 1}).items()]
+  scores = {}
+  for name, where in (('step', ['--checkpoint', str(workdir / 'checkpoints' / '1')]),
+                      ('workdir', ['--checkpoint', str(workdir), '--step', '1'])):
+    out = tmp_path / f'{name}.json'
+    argv = ['--config', os.path.join(ROOT, 'configs/demo.py'), *flags, *where, '--json', str(out)]
+    assert evaluate_cli.main(argv) == 0, capsys.readouterr().err
+    scores[name] = json.loads(out.read_text())
+  assert scores['step']['images'] > 0 and scores['step'] == scores['workdir']
+  assert sorted(os.listdir(tmp_path)) == ['run', 'step.json', 'workdir.json']  # no second copy of the data
