@@ -6,7 +6,8 @@ DIR (manual) holds the unpacked archives: train/Annotations/train.csv and train/
 optionally test/test.csv and test/Images (see kpjax.data.build.fashionai.MANUAL_DOWNLOAD_INSTRUCTIONS); a
 synthetic set from `python -m kpjax.data.synthetic` has the same layout. The result,
 <data-dir>/fashionai_keypoints/1.0.0, is read with `tfds.data_source('fashionai_keypoints',
-data_dir=<data-dir>)` or `tfds.builder_from_directory` and grain.
+data_dir=<data-dir>)` or `tfds.builder_from_directory` and grain. Its metadata.json also holds each split's
+category index (kpjax.data.sources.CATEGORY_INDEX_KEY), so that a per-category model's start-up reads no record.
 
 Bad data (a malformed CSV row, an unknown category, a missing or undecodable image, a keypoint outside
 its image) stops the build at the first case with a message naming the file, row and image, and leaves
@@ -22,6 +23,7 @@ import os
 import sys
 from typing import Sequence
 
+from kpjax.data import sources
 from kpjax.data.build.fashionai import NAME, VERSION
 from kpjax.errors import BuildError
 from kpjax.io import atomic
@@ -76,6 +78,7 @@ def build_dataset(manual_dir: str, data_dir: str, *, skip_bad: bool = False, val
           raise
         raise BuildError(str(cause)) from None
       counts = {name: int(split.num_examples) for name, split in builder.info.splits.items()}
+      sources.write_category_index(builder)  # training reads it instead of every record
       os.rename(os.path.join(work, NAME, VERSION), new)  # tfds wrote <work>/<name>/<version>
     return BuildSummary(final, counts, list(builder.bad))
   finally:
