@@ -59,8 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_stages = 6  # CPM stages 1..6 (KPDEM: 6)
   # Convolutions (kpjax.model.conv): 'auto' (Winograd where it pays on a CPU), 'direct' (XLA's, the closest
   # match to PyTorch), 'winograd', or 'direct-pooled' ('direct' in the three blocks whose output is
-  # max-pooled, 'auto' elsewhere); '' = the preprocessing's default: 'auto' for 'kpjax', 'direct-pooled'
-  # for 'kpdem' (converted models: see the README on max-pool ties). The parameters are the same whichever.
+  # max-pooled, 'auto' elsewhere); '' = the preprocessing's default: 'auto' for 'kpjax', 'direct' for
+  # 'kpdem' (converted models: kpjax.data.conventions.KpdemConvention). The parameters are the same whichever.
   config.model.conv_algorithm = ''
   config.compute_dtype = 'float32'  # 'bfloat16' on GPU/TPU; params, softmax, DSNT, loss stay f32
   config.remat = False  # jax.checkpoint each block (less memory, ~1/3 more compute)

@@ -133,14 +133,18 @@ class KpdemConvention(IOConvention):
       'truncated: the centre of the original\'s 1/S-wide target cell, about ((S c_x + 1/2) W / S - 1/2, '
       '(S c_y + 1/2) H / S - 1/2))')
   supports_augmentation: ClassVar[bool] = False  # the non-aspect-preserving resize has no augmented twin here
-  # 'direct' convolutions before each max-pool, 'auto' after the last (kpjax.model.network.block_conv_algorithm):
-  # the pools keep the first largest element of each window, and on flat image regions whole windows
-  # tie exactly; Winograd's position-dependent rounding breaks such ties differently from PyTorch.
+  # 'direct' convolutions (XLA's, computed as PyTorch's are) in every block. Before the max-pools: the
+  # pools keep the first largest element of each window, on flat image regions whole windows tie
+  # exactly, and Winograd's position-dependent rounding breaks such ties differently from PyTorch.
   # Measured (benchmarks/pool_ties.py, the full network on 6 plain synthetic garments, 197,172 live
   # first-pool windows, 57% exact ties) against torch float32: Winograd ('auto' on a CPU) keeps another
-  # element in 67,905 windows (coordinates up to 139 px of 512 away), 'direct-pooled' in 1,346 (67 px),
-  # torch against itself without oneDNN in 1,427 (104 px), in float64 in 1,821 (84 px).
-  conv_algorithm: ClassVar[str] = 'direct-pooled'
+  # element in 67,905 windows (coordinates up to 139 px of 512 away), 'direct' before the pools in 1,346
+  # (67 px), torch against itself without oneDNN in 1,427 (104 px), in float64 in 1,821 (84 px). After
+  # the last pool too: Winograd's ~1e-6 relative rounding there is continuous but amplified by the
+  # stages; on real photos a converted model whose output follows the image put keypoints ~130 px (of
+  # 512) from the torch original with 'direct-pooled' (Winograd after the last pool), ~24 px with
+  # 'direct', where torch against itself (its own convolution instead of oneDNN) moves them ~11 px.
+  conv_algorithm: ClassVar[str] = 'direct'
   targets: str = kpdem.CONVERTED_TARGETS
 
   def __post_init__(self):

@@ -14,7 +14,7 @@ corner-aligned (pixel index 0 -> 0, index W -> 1), not skimage's centre-aligned 
 mapping it through the resampling grid instead would shift every prediction by 0.5 * (W / size - 1)
 original pixels (3.5 px for a 512-wide image at size 64).
 
-So, in kpjax's terms (kpjax.data.conventions.KpdemPreprocessing):
+So, in kpjax's terms (kpjax.data.conventions.KpdemConvention):
   * `prepare_image` gives the network input and the affine original pixel (x, y) -> input pixel
     (x * size / W, y * size / H), the scaling the targets were made with;
   * `coords_to_input_pixels` turns a network output into those input pixels (c * size); the
@@ -34,9 +34,10 @@ Two more conventions make a converted model faithful on real photos:
     trained on floor(x * 64 / W) / 64, the left/top edge of a 64-grid cell; 'truncated' maps outputs
     to the centre of the annotated pixels each cell holds (`coords_to_original`, derivation there),
     'exact' reads them as x / W (a model trained on unrounded targets, as kpjax trains).
-  * Convolutions (kpjax.data.conventions.KpdemPreprocessing.conv_algorithm, 'direct-pooled'): the
-    pool/unpool steps decide exact ties in flat image regions by the last bits of the convolutions
-    before them, so those run direct, as PyTorch's do (kpjax.model.network.block_conv_algorithm).
+  * Convolutions (kpjax.data.conventions.KpdemConvention.conv_algorithm, 'direct'): the pool/unpool
+    steps decide exact ties in flat image regions by the last bits of the convolutions before them,
+    and the stages after the last pool amplify Winograd's rounding, so every convolution runs direct,
+    as PyTorch's do.
 """
 
 from __future__ import annotations
