@@ -28,9 +28,9 @@ import time
 from typing import Callable, Sequence
 
 from kpjax.cli import common as cli
+from kpjax.model.layers import CONV_ALGORITHMS  # the network's: 'auto', 'direct', 'winograd', 'direct-pooled'
 BUSY_CORES = 0.15
 DTYPES = ('float32', 'bfloat16')
-CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
 
 
 # ---- Flags ------------------------------------------------------------------------------------------
@@ -571,6 +571,9 @@ def comparison_parser(doc: str, *, remat: bool) -> ArgumentParser:
                    help='kpjax with remat=True (jax.checkpoint per block); torch runs without (the original has none)')
   p.add_argument('--conv-algorithm', default='auto', choices=CONV_ALGORITHMS)
   p.add_argument('--compare-direct', action='store_true', help="also time kpjax with conv_algorithm='direct'")
+  p.add_argument('--compare', type=conv_algorithms, default=(), metavar='A,B',
+                 help=f'also time kpjax with each of these conv_algorithms (of {", ".join(CONV_ALGORITHMS)}), '
+                 'interleaved with the rest')
   p.add_argument('--no-torch', action='store_true', help='time kpjax only')
   p.add_argument('--no-peak', action='store_true', help='skip measuring the machine peak')
   p.add_argument('--repeats', type=positive_int, default=5, help='timed rounds at least (default 5)')
@@ -580,6 +583,22 @@ def comparison_parser(doc: str, *, remat: bool) -> ArgumentParser:
   p.add_argument('--quiet-wait-s', type=non_negative_float, default=60.0,
                  help='before each round wait up to this long for other processes to go quiet (0: do not)')
   return p
+
+
+def conv_algorithms(text: str) -> tuple[str, ...]:
+  """'direct,direct-pooled' -> ('direct', 'direct-pooled'); each must be one of CONV_ALGORITHMS."""
+  names = tuple(n.strip() for n in text.split(',') if n.strip())
+  unknown = [n for n in names if n not in CONV_ALGORITHMS]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(f'expected conv_algorithms separated by commas, each one of '
+                                     f'{", ".join(CONV_ALGORITHMS)}; got {text!r}')
+  return names
+
+
+def kpjax_row_name(w: Workload) -> str:
+  """The table row of kpjax timed with w.conv_algorithm besides the run's own (`--compare`)."""
+  what = 'direct convs' if w.conv_algorithm == 'direct' else w.conv_algorithm
+  return f'kpjax ({what}, remat)' if w.remat else f'kpjax ({what})'
 
 
 def dtypes_to_time(requested: str | None, backend: str) -> list[str]:
@@ -593,7 +612,7 @@ def dtypes_to_time(requested: str | None, backend: str) -> list[str]:
 def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
                    kpjax_candidate: Callable[[Workload], Candidate],
                    torch_candidate: Callable[[Workload, object, str], Candidate]) -> None:
-  """Times kpjax (and `--compare-direct`, and torch unless `--no-torch`) on `args`' workload; prints a
+  """Times kpjax (and `--compare-direct`/`--compare`, and torch unless `--no-torch`) on `args`' workload; prints a
   header, the machine peak, a markdown table (first column titled `task`) and one kpjax/torch ratio line
   per dtype, naming the machine. flops(workload): the FLOPs one call is credited with."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -623,13 +642,17 @@ def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
         print(f'# no data-sheet peak known for {device.device_kind}: the % of peak column stays empty')
 
   kpjax_name = 'kpjax (remat)' if base.remat else 'kpjax'
-  direct_name = 'kpjax (direct convs, remat)' if base.remat else 'kpjax (direct convs)'
+  others = (('direct',) if args.compare_direct else ()) + tuple(getattr(args, 'compare', ()))
+  others = tuple(dict.fromkeys(a for a in others if a != base.conv_algorithm))
+  if base.conv_algorithm != 'auto' or others:
+    print(f'# {kpjax_name}: conv_algorithm {base.conv_algorithm!r}')
   rows, ratios = [], []
   for dtype in dtypes_to_time(args.dtype, backend):
     w = base.replace(dtype=dtype)
     candidates = {kpjax_name: kpjax_candidate(w)}
-    if args.compare_direct and w.conv_algorithm != 'direct':
-      candidates[direct_name] = kpjax_candidate(w.replace(conv_algorithm='direct'))
+    for algorithm in others:
+      other = w.replace(conv_algorithm=algorithm)
+      candidates[kpjax_row_name(other)] = kpjax_candidate(other)
     if torch is not None:
       candidates['torch'] = torch_candidate(w, torch, torch_device(torch))
     timings = time_interleaved({name: c.run for name, c in candidates.items()}, repeats=args.repeats,
