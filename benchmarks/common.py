@@ -29,9 +29,10 @@ from typing import Callable, Sequence
 
 from kpjax.cli import common as cli
 from kpjax.model import layers
+from kpjax.model.layers import CONV_ALGORITHMS  # the network's: 'auto', 'direct', 'winograd', 'direct-pooled'
+
 BUSY_CORES = 0.15
 DTYPES = ('float32', 'bfloat16')
-CONV_ALGORITHMS = ('auto', 'direct', 'winograd')
 UNPOOLS = ('mask', 'scatter')  # kpjax.model.pooling.UNPOOLS (not imported here: that would import JAX)
 
 
@@ -575,6 +576,9 @@ def comparison_parser(doc: str, *, remat: bool) -> ArgumentParser:
                    help='kpjax with remat=True (jax.checkpoint per block); torch runs without (the original has none)')
   p.add_argument('--conv-algorithm', default='auto', choices=CONV_ALGORITHMS)
   p.add_argument('--compare-direct', action='store_true', help="also time kpjax with conv_algorithm='direct'")
+  p.add_argument('--compare', type=conv_algorithms, default=(), metavar='A,B',
+                 help=f'also time kpjax with each of these conv_algorithms (of {", ".join(CONV_ALGORITHMS)}), '
+                 'interleaved with the rest')
   p.add_argument('--unpool', choices=UNPOOLS + ('both',), default='mask',
                  help="kpjax's pool + unpool pairs: 'mask' (fused, the default), 'scatter' (max_pool_2x2 + "
                       "max_unpool_2x2), or 'both' (one row each, and their ratio)")
@@ -594,10 +598,22 @@ def add_timing_args(p: argparse.ArgumentParser, *, warmup: int = 2) -> None:
                  help='before each round wait up to this long for other processes to go quiet (0: do not)')
 
 
-def kpjax_row_name(w: Workload, direct: bool = False) -> str:
-  """'kpjax', with what differs from its defaults in brackets: 'kpjax (direct convs, scatter unpool, remat)'."""
-  notes = (['direct convs'] if direct else []) + (['scatter unpool'] if w.unpool == 'scatter' else []) + (
-      ['remat'] if w.remat else [])
+def conv_algorithms(text: str) -> tuple[str, ...]:
+  """'direct,direct-pooled' -> ('direct', 'direct-pooled'); each must be one of CONV_ALGORITHMS."""
+  names = tuple(n.strip() for n in text.split(',') if n.strip())
+  unknown = [n for n in names if n not in CONV_ALGORITHMS]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(f'expected conv_algorithms separated by commas, each one of '
+                                     f'{", ".join(CONV_ALGORITHMS)}; got {text!r}')
+  return names
+
+
+def kpjax_row_name(w: Workload, run_algorithm: str = 'auto') -> str:
+  """'kpjax', with what differs from the run's own kpjax in brackets: its convolutions when not
+  `run_algorithm` ('direct convs' for 'direct'), the scatter unpool, remat: 'kpjax (direct convs, remat)'."""
+  conv = [] if w.conv_algorithm == run_algorithm else ['direct convs' if w.conv_algorithm == 'direct'
+                                                        else w.conv_algorithm]
+  notes = conv + (['scatter unpool'] if w.unpool == 'scatter' else []) + (['remat'] if w.remat else [])
   return 'kpjax' + (f' ({", ".join(notes)})' if notes else '')
 
 
@@ -612,11 +628,11 @@ def dtypes_to_time(requested: str | None, backend: str) -> list[str]:
 def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
                    kpjax_candidate: Callable[[Workload], Candidate],
                    torch_candidate: Callable[[Workload, object, str], Candidate]) -> None:
-  """Times kpjax (in each `--unpool` form, each also with direct convolutions under `--compare-direct`,
+  """Times kpjax (in each `--unpool` form, each also with the `--compare-direct`/`--compare` convolutions,
   and torch unless `--no-torch`) on `args`' workload; prints a header, the machine peak, a markdown table
-  (first column titled `task`), and per dtype one kpjax/torch ratio line (kpjax in the first --unpool
-  form) and, with `--unpool both`, one scatter/mask line; each names the machine. flops(workload): the
-  FLOPs one call is credited with."""
+  (first column titled `task`), and per dtype one kpjax/torch ratio line (kpjax as run, in the first
+  --unpool form) and, with `--unpool both`, one scatter/mask line; each names the machine.
+  flops(workload): the FLOPs one call is credited with."""
   import jax  # pylint: disable=g-import-not-at-top
   backend = jax.default_backend()
   device = jax.devices()[0]
@@ -644,16 +660,21 @@ def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
         print(f'# no data-sheet peak known for {device.device_kind}: the % of peak column stays empty')
 
   unpools = list(UNPOOLS) if args.unpool == 'both' else [args.unpool]
+  others = (('direct',) if args.compare_direct else ()) + tuple(getattr(args, 'compare', ()))
+  others = tuple(dict.fromkeys(a for a in others if a != base.conv_algorithm))
+  kpjax_name = kpjax_row_name(base.replace(unpool=unpools[0]), base.conv_algorithm)
+  if base.conv_algorithm != 'auto' or others:
+    print(f'# {kpjax_name}: conv_algorithm {base.conv_algorithm!r}')
   title = f'{task[0].upper()}{task[1:]}'
   rows, ratios = [], []
   for dtype in dtypes_to_time(args.dtype, backend):
     candidates = {}
     for unpool in unpools:
       w = base.replace(dtype=dtype, unpool=unpool)
-      candidates[kpjax_row_name(w)] = kpjax_candidate(w)
-      if args.compare_direct and w.conv_algorithm != 'direct':
-        candidates[kpjax_row_name(w, direct=True)] = kpjax_candidate(w.replace(conv_algorithm='direct'))
-    kpjax_name = kpjax_row_name(base.replace(unpool=unpools[0]))
+      candidates[kpjax_row_name(w, base.conv_algorithm)] = kpjax_candidate(w)
+      for algorithm in others:
+        other = w.replace(conv_algorithm=algorithm)
+        candidates[kpjax_row_name(other, base.conv_algorithm)] = kpjax_candidate(other)
     if torch is not None:
       candidates['torch'] = torch_candidate(w, torch, torch_device(torch))
     timings = time_interleaved({name: c.run for name, c in candidates.items()}, repeats=args.repeats,
@@ -668,7 +689,7 @@ def run_comparison(args, *, task: str, flops: Callable[[Workload], float],
       ratios.append(f'{title} on {machine}: kpjax/torch speed ratio ({dtype}): {tt / kp:.2f}x '
                     f'(kpjax {kp:.4g} s/step, torch {tt:.4g} s/step).')
     if len(unpools) == 2:
-      mask, scatter = (timings[kpjax_row_name(base.replace(unpool=u))] for u in UNPOOLS)
+      mask, scatter = (timings[kpjax_row_name(base.replace(unpool=u), base.conv_algorithm)] for u in UNPOOLS)
       ratios.append(f'{title} on {machine}: scatter/mask unpool time ratio ({dtype}): '
                     f'{scatter.best / mask.best:.2f}x best, {scatter.median / mask.median:.2f}x median '
                     f'(mask {mask.best:.4g} s/step best, {mask.median:.4g} median; scatter {scatter.best:.4g} '

@@ -2,6 +2,7 @@
 
   python benchmarks/inference.py                        # full network, 48x48, batch 2, float32
   python benchmarks/inference.py --compare-direct       # plus kpjax with XLA's own convolutions
+  python benchmarks/inference.py --size 64 --compare direct,direct-pooled   # converted models' choices
   python benchmarks/inference.py --size 256 --batch 8
 
 The network maps images (B, S, S, 3) to (coords, heatmaps) on both sides: kpjax through the jitted

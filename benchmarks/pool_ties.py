@@ -11,8 +11,8 @@ windows tie exactly, so the element kept depends on the last bits of the convolu
 original did to 64 x 64, and compares with torch float32 (oneDNN, torch's CPU default):
 
 * torch against itself: without oneDNN (im2col + GEMM), and in float64;
-* kpjax with each conv_algorithm: 'auto' (Winograd on a CPU), 'direct', and 'direct-pooled' (what
-  converted models run by default).
+* kpjax with each conv_algorithm: 'auto' (Winograd on a CPU), 'direct' (what converted models run by
+  default), and 'direct-pooled' ('direct' up to the last pool, 'auto' after it).
 
 For each: the first-pool windows (all channels, positive maximum) whose kept element differs, and the
 largest and mean coordinate distance in pixels of the 512 x 512 original. Uses the test suite's

@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py                      # full network, 48x48, batch 2, float32
   python benchmarks/train_step.py --compare-direct     # plus kpjax with XLA's own convolutions
+  python benchmarks/train_step.py --size 64 --compare direct,direct-pooled   # converted models' choices
   python benchmarks/train_step.py --size 256 --batch 8 --dtype bfloat16   # on a GPU
 
 Both sides train the same network (width, stages, keypoints) on the same batch with the same loss
@@ -15,7 +16,8 @@ as a share of the machine's measured peak, the table's machine (CPU model), and 
 ratio (torch's time / kpjax's).
 
 `--compare-direct` adds kpjax with conv_algorithm='direct' (XLA's own convolutions everywhere), to show
-what the Winograd convolutions (kpjax.model.conv, chosen by 'auto' on CPUs) are worth. GFLOP/s counts the
+what the Winograd convolutions (kpjax.model.conv, chosen by 'auto' on CPUs) are worth; `--compare A,B`
+adds one kpjax row per conv_algorithm named (e.g. direct,direct-pooled). GFLOP/s counts the
 same direct-convolution FLOPs for every row, so a Winograd row's rate is an effective one and can
 exceed the measured peak: it does fewer multiplications than it is credited with. `--remat` times
 kpjax's step with jax.checkpoint per block (the FLOPs credited stay those without recomputation).

@@ -60,8 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_stages = 6  # CPM stages 1..6 (KPDEM: 6)
   # Convolutions (kpjax.model.conv): 'auto' (Winograd where it pays on a CPU), 'direct' (XLA's, the closest
   # match to PyTorch), 'winograd', or 'direct-pooled' ('direct' in the three blocks whose output is
-  # max-pooled, 'auto' elsewhere); '' = the preprocessing's default: 'auto' for 'kpjax', 'direct-pooled'
-  # for 'kpdem' (converted models: see docs/converting.md on max-pool ties). The parameters are the same whichever.
+  # max-pooled, 'auto' elsewhere); '' = the preprocessing's default: 'auto' for 'kpjax', 'direct' for
+  # 'kpdem' (converted models: see docs/converting.md). The parameters are the same whichever.
   config.model.conv_algorithm = ''
   # Each max-pool + max-unpool pair (kpjax.model.pooling): 'mask' (pool_unpool, one fused elementwise pass)
   # or 'scatter' (max_pool_2x2's indices, then max_unpool_2x2's scatter, torch's own pair). The same bits,

@@ -108,6 +108,17 @@ def test_inference_times_forward_and_rejects_remat(capsys):
   assert '--remat' in err
 
 
+def test_compare_times_each_conv_algorithm_interleaved(capsys):
+  inference.main(TINY + ['--no-torch', '--conv-algorithm', 'direct', '--compare', 'auto,direct-pooled,direct'])
+  out = capsys.readouterr().out
+  rows = _table_rows(out)
+  assert {'kpjax', 'kpjax (auto)', 'kpjax (direct-pooled)'} <= set(rows) and 'kpjax (direct convs)' not in rows
+  assert "# kpjax: conv_algorithm 'direct'" in out
+  assert all(float(rows[name][2]) > 0 for name in ('kpjax', 'kpjax (auto)', 'kpjax (direct-pooled)'))
+  err = _error_line(capsys, train_step.main, TINY + ['--compare', 'direct,fft'])
+  assert 'direct-pooled' in err and "'direct,fft'" in err
+
+
 def test_help_describes_each_script(capsys):
   with pytest.raises(SystemExit):
     inference.main(['--help'])

@@ -73,3 +73,17 @@ def test_rounding_cost_written_and_read_back(decimals):
   assert analytic == pytest.approx(0.382598 * q, rel=1e-5)
   assert distance.mean() == pytest.approx(analytic, rel=0.01)  # standard error ~0.4% at 20,000 points
   assert distance.max() <= q / math.sqrt(2) * (1 + 1e-9) + 1e-12
+
+
+def test_a_submission_may_fill_cells_outside_the_category_an_annotation_may_not():
+  from kpjax.data import keypoints as kp  # pylint: disable=g-import-not-at-top
+  cells = ['Images/skirt/a.jpg', 'skirt'] + [f'{j}_{j + 1}_1' for j in range(kp.NUM_KEYPOINTS)]
+  with pytest.raises(csv_io.CsvFormatError, match=r'f.csv: row 2 \(Images/skirt/a.jpg\): skirt has no keypoint '
+                                                  'neckline_left, but the cell is annotated'):
+    csv_io.parse_row(cells, 2, 'f.csv')
+  row = csv_io.parse_row(cells, 2, 'f.csv', submission=True)
+  own = kp.category_mask('skirt')
+  assert row.ignored == tuple(n for n, m in zip(kp.KEYPOINT_NAMES, own) if not m) and len(row.ignored) == 20
+  np.testing.assert_array_equal(row.visibility, np.where(own, 1, -1))
+  np.testing.assert_array_equal(row.keypoints[~own], -1)
+  np.testing.assert_array_equal(row.keypoints[own], [[j, j + 1] for j in np.flatnonzero(own)])

@@ -103,6 +103,50 @@ def test_builder_from_directory_and_grain(built):
   assert len(list(ds)) == summary.num_examples['train']
 
 
+def _count_reads(monkeypatch) -> list[str]:
+  """Instruments tfds's data sources (array_record): every record read is listed."""
+  from tensorflow_datasets.core.data_sources import base  # pylint: disable=g-import-not-at-top
+  reads = []
+  for name in ('__getitem__', '__getitems__', '__iter__'):
+    original = getattr(base.BaseDataSource, name)
+
+    def counted(self, *args, _name=name, _original=original):
+      reads.append(_name)
+      return _original(self, *args)
+
+    monkeypatch.setattr(base.BaseDataSource, name, counted)
+  return reads
+
+
+def test_selecting_a_category_reads_no_record(built, tmp_path, monkeypatch, capsys):
+  """The build stores each split's category index in the dataset's metadata.json (tfds MetadataDict), so a
+  category model's start-up reads none of the (image-carrying) records; a dataset without the index (as
+  kpjax 0.1.0 built them) is read once per split, with one note."""
+  from kpjax.data import sources  # pylint: disable=g-import-not-at-top
+  data_dir, summary = built
+  splits = sorted(summary.num_examples)
+  truth = {split: np.array([int(r['category']) for r in _source(data_dir, split)]) for split in splits}
+  with open(os.path.join(summary.dataset_dir, 'metadata.json')) as f:
+    assert json.load(f)[sources.CATEGORY_INDEX_KEY] == {split: truth[split].tolist() for split in splits}
+  old = tmp_path / 'old' / fashionai.NAME / fashionai.VERSION
+  shutil.copytree(summary.dataset_dir, old)
+  with open(old / 'metadata.json') as f:
+    metadata = json.load(f)
+  del metadata[sources.CATEGORY_INDEX_KEY]
+  (old / 'metadata.json').write_text(json.dumps(metadata))
+
+  reads = _count_reads(monkeypatch)
+  for directory, read in ((data_dir, False), (str(tmp_path / 'old'), True)):
+    for split in splits:
+      source = sources.open_tfds_source(directory, fashionai.NAME, split)
+      for category in kp.CATEGORIES:
+        np.testing.assert_array_equal(sources.example_indices(source, category),
+                                      np.flatnonzero(truth[split] == kp.category_index(category)))
+    assert bool(reads) == read, (directory, reads)
+  err = capsys.readouterr().err
+  assert err.count('note: ') == 1 and f'{old} has no category index (built by kpjax 0.1.0)' in err, err
+
+
 def test_validation_fraction_and_existing_dataset(raw, built, tmp_path):
   data_dir, _ = built
   with pytest.raises(build.BuildError, match='already exists'):

@@ -87,6 +87,40 @@ def test_mismatched_files_are_errors_naming_the_image(tmp_path, capsys, pred_row
   assert not out.exists()
 
 
+def test_predicted_cells_outside_the_category_are_ignored_and_counted(tmp_path, capsys):
+  """A 24-output model fills every cell; FashionAI's scorers read only each category's visible ground-truth
+  keypoints, so such cells change nothing and are counted. Annotations stay strict."""
+  def fill(row, category):
+    cells = row.rstrip('\n').split(',')
+    outside = [2 + j for j in range(kp.NUM_KEYPOINTS) if not kp.category_mask(category)[j]]
+    for n, j in enumerate(outside):
+      cells[j] = f'{7 + n}_{9 + n}_1'
+    return ','.join(cells) + '\n', len(outside)
+
+  (skirt, n_skirt), (blouse, n_blouse) = fill(PRED_ROWS[0], 'skirt'), fill(PRED_ROWS[1], 'blouse')
+  assert (n_skirt, n_blouse) == (20, 11)
+  gt, pred = _files(tmp_path, pred_rows=[skirt, blouse])
+  out = tmp_path / 'ne.json'
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred, '--json', str(out)]) == 0
+  captured = capsys.readouterr()
+  assert 'note: 31 predicted cells of keypoints outside their image\'s category were ignored' in captured.err
+  m = json.loads(out.read_text())
+  (tmp_path / 'plain').mkdir()
+  plain = evaluate.evaluate_files(*_files(tmp_path / 'plain'))[0]
+  assert m['ignored_cells'] == 31 and plain['ignored_cells'] == 0
+  assert {k: v for k, v in m.items() if k != 'ignored_cells'} == {
+      k: v for k, v in plain.items() if k != 'ignored_cells'}
+  assert m['ne'] == pytest.approx(np.mean(SKIRT + BLOUSE))
+  # A malformed cell is an error wherever it is; an annotation of a keypoint outside the category too.
+  gt, pred = _files(tmp_path, pred_rows=[skirt.replace('7_9_1', '7_9'), blouse])
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred]) == 2
+  assert 'malformed keypoint cell' in capsys.readouterr().err
+  gt, pred = _files(tmp_path, gt_rows=[GT_ROWS[0], blouse], pred_rows=[skirt, blouse])
+  assert evaluate_cli.main(['--annotations', gt, '--predictions', pred]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and 'gt.csv: row 3' in err and 'blouse has no keypoint waistline_left' in err
+
+
 def test_unnormalisable_images_are_reported(tmp_path, capsys):
   gt_rows = [GT_ROWS[0], GT_ROWS[1].replace(',100_100_1,', ',-1_-1_-1,')]  # blouse armpit_right absent
   assert gt_rows[1].split(',')[2 + kp.KEYPOINT_NAMES.index('armpit_right')] == '-1_-1_-1'
@@ -195,3 +229,27 @@ def test_scores_a_model_on_a_dataset_split(tmp_path, monkeypatch, capsys):
   # A config that disagrees with the checkpoint is an error, not a different model.
   assert evaluate_cli.main(argv[:2] + tp.SLIM + ['--checkpoint', ckpt]) == 2
   assert 'input_size' in capsys.readouterr().err
+
+
+def test_scores_a_step_directory_of_a_synthetic_data_run(tmp_path, capsys):
+  """A run on config.data.source='synthetic' keeps its data in <workdir>/synthetic: --checkpoint of one of
+  its step directories finds the run (kpjax.inference.checkpoints.locate) and so the data, and scores
+  that step as --checkpoint <workdir> --step N does."""
+  import train_fixture as fx  # pylint: disable=g-import-not-at-top
+  from kpjax.train import loop  # pylint: disable=g-import-not-at-top
+  overrides = {'category': 'all', 'data.source': 'synthetic', 'data.synthetic_num_images': 20, 'total_steps': 2,
+               'eval_every_steps': 100, 'checkpoint_every_steps': 1, 'num_vis_images': 0, 'data.num_eval_images': 4}
+  workdir = tmp_path / 'run'
+  loop.train_and_evaluate(fx.tiny_config(**overrides), str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2'] and (workdir / 'synthetic' / 'tfds').is_dir()
+  flags = [f'--config.{k}={v}' for k, v in dict(overrides, input_size=32, **{'model.width': 0.125,
+                                                                            'model.num_stages': 1}).items()]
+  scores = {}
+  for name, where in (('step', ['--checkpoint', str(workdir / 'checkpoints' / '1')]),
+                      ('workdir', ['--checkpoint', str(workdir), '--step', '1'])):
+    out = tmp_path / f'{name}.json'
+    argv = ['--config', os.path.join(ROOT, 'configs/demo.py'), *flags, *where, '--json', str(out)]
+    assert evaluate_cli.main(argv) == 0, capsys.readouterr().err
+    scores[name] = json.loads(out.read_text())
+  assert scores['step']['images'] > 0 and scores['step'] == scores['workdir']
+  assert sorted(os.listdir(tmp_path)) == ['run', 'step.json', 'workdir.json']  # no second copy of the data

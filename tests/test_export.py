@@ -242,6 +242,25 @@ def test_converted_kpdem_model_exports(tmp_path, capsys):
   assert props['preprocessing'] == 'kpdem' and props['source'] == 'trousers.pth'
 
 
+def test_truncated_kpdem_model_exports_only_at_its_own_input_size(model, tmp_path, capsys):
+  """A 'truncated' kpdem model's outputs are cells of its own S0-pixel grid (its targets were
+  floor(x * S0 / W) / S0): another --input-size is refused, with nothing written; 'exact' ones may change it."""
+  truncated = checkpoint.save_model(str(tmp_path / 'truncated'), model[1],
+                                    dict(META, preprocessing='kpdem', kpdem_targets='truncated'))
+  out = tmp_path / 'out' / 'm.stablehlo'
+  out.parent.mkdir()
+  code, err = run_cli(['--checkpoint', truncated, '--format', 'stablehlo', '--out', out, '--input-size', 16], capsys)
+  assert code == 2 and err.startswith('error: --input-size 16: ') and err.count('\n') == 1, err
+  assert f'trained at {SIZE}x{SIZE}' in err and "'truncated'" in err and 'leave out --input-size' in err
+  assert list(out.parent.iterdir()) == []
+  exact = checkpoint.save_model(str(tmp_path / 'exact'), model[1],
+                                dict(META, preprocessing='kpdem', kpdem_targets='exact'))
+  code, err = run_cli(['--checkpoint', exact, '--format', 'stablehlo', '--out', out, '--input-size', 16], capsys)
+  assert code == 0, err
+  info = json.loads((tmp_path / 'out' / 'm.stablehlo.json').read_text())
+  assert (info['input_size'], info['checkpoint_input_size'], info['kpdem_targets']) == (16, SIZE, 'exact')
+
+
 def _bad_requests(model_dir, out):
   missing = os.path.join(os.path.dirname(model_dir), 'no-such-model')
   return {

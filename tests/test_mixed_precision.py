@@ -4,12 +4,12 @@ A slim model is trained for a few dozen steps (float32, the project's real train
 synthetic batch, so its heatmaps are peaked (a random network's are nearly flat and would make any two
 precisions agree). Then, on that trained model:
   * bf16 inference keeps parameters float32 and returns float32 coords and heatmaps (each map sums to 1);
-  * bf16 coords are within 0.01 normalised units of float32's on average (0.16 px at 32 px; measured
-    ~0.002) and 0.1 at worst (1.6 px; measured 0.006-0.05: bfloat16 keeps 8 significant bits, and a
-    two-peaked heatmap moves its expectation more), each heatmap within total-variation distance 0.15
-    of float32's (measured ~0.04);
-  * a bf16 training step keeps parameters and optimiser state float32, and its loss is within 5% of the
-    float32 loss (measured ~0.5%).
+  * bf16's outputs are as close to float32's as bf16's rounding allows this model: each heatmap's
+    total-variation distance and each coordinate's error within tests/bf16_reference.py's bound, the
+    spread of float32 runs with bf16-sized rounding noise (trained models differ from CPU to CPU, and
+    so does how far bf16 moves a two-peaked map: no fixed number fits them all);
+  * a bf16 training step keeps parameters and optimiser state float32, and its loss is within the same
+    bound of the float32 loss.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bf16_reference
 import train_fixture as fx
 from kpjax.data import keypoints
+from kpjax.model import losses as losses_lib
 from kpjax.train import step as ts
 from kpjax.configs import base
 
@@ -79,9 +81,10 @@ def _all_float32(tree):
 
 
 def test_training_worked(trained):
-  *_, losses, _ = trained
-  assert np.isfinite(losses).all()
-  assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])  # measured ~0.62
+  _, model, state, batch, losses, _ = trained
+  assert np.isfinite(losses).all() and losses[-1] < losses[0], (losses[0], losses[-1])
+  _, heatmaps = jax.jit(model.apply)({'params': state.params}, batch['image'])
+  assert float(jnp.max(heatmaps)) > 50 / SIZE ** 2  # peaked maps (a flat one has 1 / SIZE^2 everywhere)
 
 
 def test_bfloat16_inference_close_to_float32(trained):
@@ -92,23 +95,26 @@ def test_bfloat16_inference_close_to_float32(trained):
   coords16, heatmaps16 = jax.jit(model16.apply)(variables, batch['image'])
   assert _all_float32(variables)
   assert coords16.dtype == heatmaps16.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(heatmaps16).sum((-1, -2)), 1.0, rtol=1e-5)
-  assert float(jnp.max(heatmaps32)) > 0.05  # peaked maps (a flat 32x32 map has 0.001 everywhere)
-  err = jnp.abs(coords16 - coords32)
-  tv = 0.5 * jnp.abs(heatmaps16 - heatmaps32).sum((-1, -2))
-  assert float(err.mean()) <= 0.01
-  assert float(err.max()) <= 0.1
-  assert float(tv.max()) <= 0.15
+  np.testing.assert_allclose(np.asarray(heatmaps16).sum((-1, -2)), 1.0, rtol=1e-5)  # float32 softmax
+  assert not np.array_equal(np.asarray(heatmaps16), np.asarray(heatmaps32))  # bf16 did run
+  bf16_reference.assert_within_rounding_spread(model, variables, batch['image'], coords16, heatmaps16)
 
 
 def test_bfloat16_training_step_keeps_float32_state(trained):
-  *_, batch, losses, before = trained
+  _, model, _, batch, losses, before = trained
+  config = _config()
+  # The loss of noisy float32 forward passes (bf16's rounding as noise) spreads around float32's loss by
+  # as much as bf16's may differ from it.
+  coords, heatmaps = bf16_reference.noisy_outputs(model, {'params': before.params}, batch['image'])
+  noisy = [float(losses_lib.keypoint_loss(c, h, batch['target'], batch['mask'], sigma_t=config.sigma_t,
+                                          js_weight=config.js_weight)[0]) for c, h in zip(coords, heatmaps)]
+  spread = bf16_reference.rms(np.array(noisy) - losses[-1])
   config16 = _config('bfloat16')
-  model16 = ts.build_model(config16)
-  assert model16.dtype == jnp.bfloat16
+  assert ts.build_model(config16).dtype == jnp.bfloat16
   step16, _ = fx.step_and_state(config16)
-  new_state, metrics16 = step16(before, batch)  # the last step, in bf16
+  new_state, metrics16 = step16(before, batch)  # the last step, in bf16 (donates `before`)
   assert _all_float32(new_state.params) and _all_float32(new_state.opt_state)
   assert bool(metrics16['finite'])
   assert metrics16['loss'].dtype == jnp.float32
-  assert float(metrics16['loss']) == pytest.approx(losses[-1], rel=0.05)
+  assert 0 < abs(float(metrics16['loss']) - losses[-1]) <= bf16_reference.BOUND * spread, (
+      float(metrics16['loss']), losses[-1], spread)

@@ -38,6 +38,7 @@ from convert import torch_model
 from kpjax.model import losses
 from kpjax.model import network as kpmodel
 from kpjax.model import CoordRegressionNetwork
+import bf16_reference
 import torch_reference as tr
 
 DEFAULT_PARAMS = 36_897_936
@@ -389,11 +390,9 @@ def test_remat_gives_same_outputs_and_gradients():
 
 
 def test_bfloat16_runs_and_stays_close_to_float32():
-  """Random slim net: bf16 convolutions stay close to float32 (loose: bf16 keeps ~3 significant digits).
-
-  Coords within 0.05 normalised units (2.5 % of the image span; 0.022 here) and each heatmap within total
-  variation distance 0.2 (half the L1 distance between the two distributions; 0.08 here).
-  """
+  """Random slim net: bf16 convolutions stay as close to float32 as bf16's rounding allows this network
+  (each heatmap's total-variation distance and each coordinate's error within the spread of float32
+  runs with bf16-sized rounding noise: tests/bf16_reference.py)."""
   _, model, variables, images, _ = _tiny_setup()
   model16 = model.clone(dtype=jnp.bfloat16)
   assert {x.dtype for x in jax.tree_util.tree_leaves(_abstract_variables(model16))} == {jnp.dtype(jnp.float32)}
@@ -402,9 +401,8 @@ def test_bfloat16_runs_and_stays_close_to_float32():
   assert coords16.dtype == heatmaps16.dtype == jnp.float32  # softmax, DSNT and outputs stay float32
   assert np.all(np.isfinite(np.asarray(heatmaps16)))
   np.testing.assert_allclose(np.asarray(heatmaps16).sum((-1, -2)), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(coords16), np.asarray(coords32), atol=0.05)
-  tv = 0.5 * np.abs(np.asarray(heatmaps16) - np.asarray(heatmaps32)).sum((-1, -2))
-  assert tv.max() <= 0.2, tv
+  assert not np.array_equal(np.asarray(coords16), np.asarray(coords32))  # bf16 did run
+  bf16_reference.assert_within_rounding_spread(model, variables, images, coords16, heatmaps16)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])

@@ -299,6 +299,51 @@ def test_kpdem_preprocessing(source):
   assert np.abs(exact * SIZE - np.round(exact * SIZE)).max() > 0.1
 
 
+def _kpdem_targets(points, height, width, size=SIZE, targets='truncated'):
+  """TrainTransform's (target, mask) for one trousers record with `points` (7, 2) at the trousers keypoints."""
+  vis = np.where(kp.category_mask('trousers'), 1, -1).astype(np.int32)
+  xy = np.full((kp.NUM_KEYPOINTS, 2), -1, np.float32)
+  xy[kp.keypoint_indices('trousers')] = points
+  record = {'image': np.zeros((height, width, 3), np.uint8), 'image_id': 'edge', 'keypoints': xy,
+            'visibility': vis, 'category': kp.category_index('trousers'), 'height': height, 'width': width}
+  spec = ModelSpec('trousers', 0.125, 1, size, conventions.get('kpdem', kpdem_targets=targets))
+  out = pipeline.TrainTransform(spec, None).random_map(record, np.random.default_rng(0))
+  return out['target'], out['mask']
+
+
+def test_kpdem_targets_keep_keypoints_up_to_the_right_and_bottom_edges():
+  """kpdem input pixels are x * S / W (corner-aligned) in [0, S] for the annotations' [0, W]: a keypoint at
+  x = 510 of 512 is inside (63.75 of 64) and its target is the original's floor(510 * 64 / 512) / 64."""
+  points = np.array([[510, 100], [511, 383], [512, 384], [0, 0], [509, 7], [256, 192], [3, 380]], np.float64)
+  target, mask = _kpdem_targets(points, 384, 512)
+  np.testing.assert_array_equal(mask, 1.0)
+  want = (points.astype(np.int64) * SIZE // [512, 384]) / SIZE  # integer arithmetic: the original's cells
+  np.testing.assert_array_equal(target, want.astype(np.float32))
+  assert target[0, 0] == 63 / 64 and target[2].tolist() == [1.0, 1.0]
+  exact, mask = _kpdem_targets(points, 384, 512, targets='exact')
+  np.testing.assert_array_equal(mask, 1.0)
+  np.testing.assert_allclose(exact, points / [512, 384], rtol=1e-7)
+  # W = 49 (and 98 at x = 49): x * (32 / 49) is 31.999999999999996 in float64, the original's x * 32 / W is 32.
+  points = np.array([[49, 49], [48, 48], [49, 0], [0, 49], [1, 2], [24, 25], [47, 46]], np.float64)
+  for side in (49, 98):
+    target, mask = _kpdem_targets(points, side, side, size=32)
+    np.testing.assert_array_equal(mask, 1.0)
+    np.testing.assert_array_equal(target, ((points.astype(np.int64) * 32 // side) / 32).astype(np.float32))
+
+
+@pytest.mark.parametrize('name, inside, outside', [
+    ('kpjax', [[-0.5, -0.5], [SIZE - 0.5, SIZE - 0.5], [0, SIZE - 0.5]], [[-0.51, 0], [0, SIZE - 0.49]]),
+    ('kpdem', [[0, 0], [SIZE, SIZE], [SIZE - 0.01, 3]], [[-0.01, 0], [0, SIZE + 0.01], [SIZE + 1, 0]]),
+])
+def test_what_lies_inside_the_input_is_the_conventions(name, inside, outside):
+  """kpjax pixels are centres: the square spans [-0.5, S - 0.5]; kpdem's are corner-aligned: [0, S]."""
+  mode = conventions.get(name)
+  assert mode.inside(np.array(inside), SIZE).all()
+  assert not mode.inside(np.array(outside), SIZE).any()
+  assert not mode.inside(np.array([[np.nan, 1.0], [1.0, np.inf]]), SIZE).any()
+  assert mode.inside(np.zeros((3, 5, 2)), SIZE).shape == (3, 5)
+
+
 @pytest.mark.parametrize('mode', ['kpjax', 'kpdem'])
 def test_eval_batches_padding_order_and_affine_round_trip(source, mode):
   config = _config('all', preprocessing=mode)

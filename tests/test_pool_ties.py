@@ -1,5 +1,5 @@
-"""Max-pool ties on flat images: converted models decide them as PyTorch does (their
-preprocessing mode's conv_algorithm, kpjax.data.conventions.KpdemConvention).
+"""Max-pool ties on flat images: converted models decide them as PyTorch does (their convention's
+conv_algorithm, 'direct', kpjax.data.conventions.KpdemConvention).
 
 Plain synthetic garments (one colour on one colour, saturated bands, constant patches) make whole 2x2
 windows of the first pool tie exactly; a network whose output depends on the image then moves with
@@ -48,11 +48,12 @@ def slim(inputs):
 DEFAULT = conventions.get('kpdem').conv_algorithm  # what converted models run
 
 
-def test_converted_models_default_to_direct_convolutions_before_the_pools():
+def test_converted_models_default_to_direct_convolutions_everywhere():
   kpdem_spec = ModelSpec('trousers', 0.25, 2, 64, conventions.get('kpdem'))
-  assert DEFAULT == 'direct-pooled' and kpdem_spec.build().conv_algorithm == 'direct-pooled'
+  assert DEFAULT == 'direct' and kpdem_spec.build().conv_algorithm == 'direct'
+  assert all(model_lib.block_conv_algorithm(DEFAULT, pooled) == 'direct' for pooled in (True, False))
   assert ModelSpec('trousers', 0.25, 2, 64, conventions.get('kpjax')).build().conv_algorithm == 'auto'
-  for asked in ('direct', 'winograd', 'auto'):
+  for asked in ('direct-pooled', 'winograd', 'auto'):
     assert kpdem_spec.build(conv_algorithm=asked).conv_algorithm == asked  # the user's choice stands
   with pytest.raises(ValueError, match='conv_algorithm must be one of'):
     jax.eval_shape(lambda: model_lib.init_variables(kpdem_spec.build(conv_algorithm='fft'), jax.random.key(0), 8))
@@ -76,8 +77,9 @@ def test_default_keeps_the_elements_torch_keeps_within_torchs_own_variation(slim
 
 
 def test_winograd_before_the_first_pool_breaks_ties_at_full_width(inputs):
-  """The first block at the original width (64 channels: 'auto' is Winograd there, on a CPU): 'direct-pooled'
-  stays within torch's own variation, Winograd is far outside it, so the images expose what they guard."""
+  """The first block at the original width (64 channels: 'auto' is Winograd there, on a CPU): the default
+  ('direct') stays within torch's own variation, Winograd is far outside it, so the images expose what they
+  guard."""
   if jax.default_backend() != 'cpu':
     pytest.skip("'auto' is Winograd on CPUs only")
   net = ref.image_dependent_torch_model(N_LOCATIONS, 1.0, 1, seed=1)

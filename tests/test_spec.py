@@ -71,6 +71,8 @@ def test_check_matches_compares_only_the_fields_asked():
 def test_build_makes_the_described_network_with_the_modes_convolutions():
   net = _spec('blouse', 0.25, 3, preprocessing='kpdem').build()
   assert (net.n_locations, net.width, net.num_stages) == (13, 0.25, 3)
-  assert net.conv_algorithm == conventions.get('kpdem').conv_algorithm == 'direct-pooled'
-  assert _spec().build(conv_algorithm='direct').conv_algorithm == 'direct'
-  assert _spec(preprocessing='kpdem').build('').conv_algorithm == 'direct-pooled'  # '' = the config default
+  assert net.conv_algorithm == conventions.get('kpdem').conv_algorithm == 'direct'
+  assert _spec().build(conv_algorithm='direct-pooled').conv_algorithm == 'direct-pooled'
+  assert _spec().build('').conv_algorithm == 'auto'  # '' = the convention's default
+  assert _spec(preprocessing='kpdem').build('').conv_algorithm == 'direct'
+

@@ -8,10 +8,12 @@ file, or either of a model over a split.
 Prints NE (and PCK) overall and per category with the number of scored keypoints; `--json` writes
 {"ne": ..., "ne/<category>": ..., "count": ..., ...} (NaN as null). Every annotated image needs exactly
 one prediction of the same category, and every predicted image an annotation: anything else is an
-error naming the image. COCO files (and models trained on COCO-format data): AP, AP50, AP75, AP_M, AP_L
-and AR overall and per category (kpjax.inference.coco_evaluation), `--json` keys ap, ap50, ap75, ap_m, ap_l,
-ar (and ar50, ar75, ar_m, ar_l), '<key>/<category>', objects, detections. Exit status 0, or 2 on an error
-(with nothing written; kpjax.cli.common).
+error naming the image. A submission's cells of keypoints outside an image's category (a 24-output
+model fills them) are ignored, as FashionAI's scorers do, and counted ("ignored_cells"). COCO files (and
+models trained on COCO-format data): AP, AP50, AP75, AP_M, AP_L and AR overall and per category
+(kpjax.inference.coco_evaluation), `--json` keys ap, ap50, ap75, ap_m, ap_l, ar (and ar50, ar75, ar_m,
+ar_l), '<key>/<category>', objects, detections. Exit status 0, or 2 on an error (with nothing written;
+kpjax.cli.common).
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def run(args) -> int:
                           'objects without keypoints are not scored)')
   if not objects and scores['count'] == 0:
     raise EvaluationError('nothing to score: no visible keypoint in an image whose normalisation distance is known')
+  if scores.get('ignored_cells'):
+    print(f'note: {scores["ignored_cells"]} predicted cells of keypoints outside their image\'s category were '
+          'ignored (FashionAI scores only the visible keypoints each image is annotated with)', file=sys.stderr)
   for i in skipped[:10]:
     print(f'warning: image {i} not scored: its normalisation keypoints are absent or coincide', file=sys.stderr)
   if len(skipped) > 10:

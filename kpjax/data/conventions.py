@@ -11,10 +11,11 @@ release):
           skimage's resize to a square, /255 twice; coordinates are input pixel / size in [0, 1].
 
 Everything that depends on the convention (preparing an image, model coordinates <-> input pixels <->
-original pixels, undoing a horizontal flip, whether training may augment, which convolutions
-reproduce the model best, an example input for checks) is a method of its object, so callers hold a
-`IOConvention` and never compare names. Pixel conventions are kpjax.data.geometry's: integer
-coordinates are pixel centres, an affine maps original pixel (x, y) to input pixel (x, y).
+original pixels, which input pixels lie on the input, undoing a horizontal flip, whether training may
+augment, which convolutions reproduce the model best, an example input for checks) is a method of its
+object, so callers hold an `IOConvention` and never compare names. Pixel conventions are
+kpjax.data.geometry's: integer coordinates are pixel centres, an affine maps original pixel (x, y) to
+input pixel (x, y).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class IOConvention:
     """Input pixels (..., L, 2) -> model coordinates: the training targets' convention, float64."""
     raise NotImplementedError
 
+  def inside(self, pixels, size: int) -> np.ndarray:
+    """bool (..., L): whether input pixels (..., L, 2) lie on the size x size input, as this convention's
+    pixels measure it (a training target is kept only there; NaN is outside)."""
+    raise NotImplementedError
+
   def flipped_to_original(self, coords, affine, size: int) -> np.ndarray:
     """Outputs (..., L, 2) for the horizontally flipped input (left/right keypoints already swapped
     back) -> pixels of the unflipped original image, float64."""
@@ -56,6 +62,12 @@ class IOConvention:
   def example_input(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """A random float32 batch (B, S, S, 3) in the value range this convention's inputs have (for checks)."""
     raise NotImplementedError
+
+  def other_input_size_problem(self, trained_size: int, size: int) -> str | None:
+    """Why a model trained on trained_size x trained_size inputs cannot be run (and its outputs read as
+    this convention says) at another `size`; None when it can."""
+    del trained_size, size
+    return None
 
   def coords_to_original(self, coords, affine, size: int) -> np.ndarray:
     """Model coordinates (..., L, 2) -> original-image pixels through the inverse of `affine` (..., 2, 3)."""
@@ -91,6 +103,11 @@ class KpjaxConvention(IOConvention):
   def input_pixels_to_coords(self, pixels, size):
     return (2 * np.asarray(pixels, np.float64) + 1) / size - 1  # dsntnn.pixel_to_normalized_coordinates
 
+  def inside(self, pixels, size):
+    # Integer coordinates are pixel centres: the square spans [-0.5, S - 0.5] (coords [-1, 1]).
+    pixels = np.asarray(pixels, np.float64)
+    return np.all((pixels >= -0.5) & (pixels <= size - 0.5), axis=-1)
+
   def flipped_to_original(self, coords, affine, size):
     # Flipping the input maps input column q to S - 1 - q, i.e. normalised x to -x; the image's own
     # affine then gives original pixels.
@@ -116,14 +133,18 @@ class KpdemConvention(IOConvention):
       'truncated: the centre of the original\'s 1/S-wide target cell, about ((S c_x + 1/2) W / S - 1/2, '
       '(S c_y + 1/2) H / S - 1/2))')
   supports_augmentation: ClassVar[bool] = False  # the non-aspect-preserving resize has no augmented twin here
-  # 'direct' convolutions before each max-pool, 'auto' after the last (kpjax.model.network.block_conv_algorithm):
-  # the pools keep the first largest element of each window, and on flat image regions whole windows
-  # tie exactly; Winograd's position-dependent rounding breaks such ties differently from PyTorch.
+  # 'direct' convolutions (XLA's, computed as PyTorch's are) in every block. Before the max-pools: the
+  # pools keep the first largest element of each window, on flat image regions whole windows tie
+  # exactly, and Winograd's position-dependent rounding breaks such ties differently from PyTorch.
   # Measured (benchmarks/pool_ties.py, the full network on 6 plain synthetic garments, 197,172 live
   # first-pool windows, 57% exact ties) against torch float32: Winograd ('auto' on a CPU) keeps another
-  # element in 67,905 windows (coordinates up to 139 px of 512 away), 'direct-pooled' in 1,346 (67 px),
-  # torch against itself without oneDNN in 1,427 (104 px), in float64 in 1,821 (84 px).
-  conv_algorithm: ClassVar[str] = 'direct-pooled'
+  # element in 67,905 windows (coordinates up to 139 px of 512 away), 'direct' before the pools in 1,346
+  # (67 px), torch against itself without oneDNN in 1,427 (104 px), in float64 in 1,821 (84 px). After
+  # the last pool too: Winograd's ~1e-6 relative rounding there is continuous but amplified by the
+  # stages; on real photos a converted model whose output follows the image put keypoints ~130 px (of
+  # 512) from the torch original with 'direct-pooled' (Winograd after the last pool), ~24 px with
+  # 'direct', where torch against itself (its own convolution instead of oneDNN) moves them ~11 px.
+  conv_algorithm: ClassVar[str] = 'direct'
   targets: str = kpdem.CONVERTED_TARGETS
 
   def __post_init__(self):
@@ -138,7 +159,18 @@ class KpdemConvention(IOConvention):
 
   def input_pixels_to_coords(self, pixels, size):
     pixels = np.asarray(pixels, np.float64)
-    return kpdem.input_pixels_to_coords(np.floor(pixels) if self.targets == 'truncated' else pixels, size)
+    return kpdem.input_pixels_to_coords(kpdem.truncate_pixels(pixels) if self.targets == 'truncated' else pixels,
+                                        size)
+
+  def inside(self, pixels, size):
+    return kpdem.inside_input(pixels, size)  # [0, S]: the corner-aligned image of the annotations' [0, W]
+
+  def other_input_size_problem(self, trained_size, size):
+    if self.targets != 'truncated' or size == trained_size:
+      return None
+    return (f"its outputs are cells of the {trained_size}-pixel grid its 'truncated' targets were made on "
+            f'(floor(x * {trained_size} / W) / {trained_size}), which only its own input size '
+            f'{trained_size} reads back; at {size} they would be read on a {size}-pixel grid')
 
   def coords_to_original(self, coords, affine, size):
     affine = np.asarray(affine, np.float64)

@@ -34,6 +34,7 @@ class Annotation:
   keypoints: np.ndarray
   visibility: np.ndarray
   row: int  # 1-based row number in the file (header = 1)
+  ignored: tuple[str, ...] = ()  # a submission's cells of keypoints outside the category, read as absent
 
 
 def parse_cell(cell: str, where: str = '') -> tuple[float, float, int]:
@@ -92,8 +93,13 @@ def _open_rows(path: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
   return header, ((i + 2, r) for i, r in enumerate(rows[1:]) if any(c.strip() for c in r))
 
 
-def parse_row(cells: Sequence[str], row: int, path: str = '') -> Annotation:
-  """One annotated CSV row (26 cells) -> Annotation; raises CsvFormatError naming row and image."""
+def parse_row(cells: Sequence[str], row: int, path: str = '', submission: bool = False) -> Annotation:
+  """One CSV row (26 cells) -> Annotation; raises CsvFormatError naming row and image.
+
+  An annotation marks only its category's keypoints: an annotated cell of another keypoint is an error.
+  A submission (`submission`) may fill every cell (a 24-output model does): such cells are read as
+  absent and named in `Annotation.ignored`, as every FashionAI scorer ignores them.
+  """
   image_id = cells[0].strip() if cells else ''
   where = f'{path}: row {row} ({image_id or "no image id"}): '
   if len(cells) != len(HEADER):
@@ -109,22 +115,24 @@ def parse_row(cells: Sequence[str], row: int, path: str = '') -> Annotation:
     xy[j] = (x, y)
     vis[j] = v
   outside = np.flatnonzero((vis >= 0) & ~kp.category_mask(category))
-  if outside.size:
+  if outside.size and not submission:
     raise CsvFormatError(f'{where}{category} has no keypoint {kp.KEYPOINT_NAMES[outside[0]]}, but the cell is '
                          f'annotated; expected -1_-1_-1')
-  return Annotation(image_id, category, xy, vis, row)
+  xy[outside], vis[outside] = -1, -1
+  return Annotation(image_id, category, xy, vis, row, tuple(kp.KEYPOINT_NAMES[j] for j in outside))
 
 
-def read_annotations(path: str) -> Iterator[Annotation]:
-  """The rows of an annotated FashionAI CSV (train.csv and the like), in file order.
+def read_annotations(path: str, submission: bool = False) -> Iterator[Annotation]:
+  """The rows of an annotated FashionAI CSV (train.csv and the like), or of a submission (`submission`,
+  see parse_row), in file order.
 
   Raises CsvFormatError at the first malformed row; callers that skip bad rows catch it per row via
   `iter_annotations(path, errors)`.
   """
-  yield from iter_annotations(path, errors=None)
+  yield from iter_annotations(path, errors=None, submission=submission)
 
 
-def iter_annotations(path: str, errors: list[str] | None) -> Iterator[Annotation]:
+def iter_annotations(path: str, errors: list[str] | None, submission: bool = False) -> Iterator[Annotation]:
   """Like read_annotations; with a list for `errors`, bad rows are described there and skipped."""
   header, rows = _open_rows(path)
   if tuple(header) != HEADER:
@@ -132,17 +140,11 @@ def iter_annotations(path: str, errors: list[str] | None) -> Iterator[Annotation
                          f'image_id,image_category and the 24 keypoint names in the official order')
   for row, cells in rows:
     try:
-      yield parse_row(cells, row, path)
+      yield parse_row(cells, row, path, submission)
     except CsvFormatError as e:
       if errors is None:
         raise
       errors.append(str(e))
-
-
-def read_rows(path: str) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-  """(image_id, category, keypoints (24, 2), visibility (24,)) per row: annotations or a submission."""
-  for a in read_annotations(path):
-    yield a.image_id, a.category, a.keypoints, a.visibility
 
 
 def read_categories(path: str) -> dict[str, str]:

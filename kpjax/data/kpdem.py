@@ -34,9 +34,10 @@ Two more conventions make a converted model faithful on real photos:
     trained on floor(x * 64 / W) / 64, the left/top edge of a 64-grid cell; 'truncated' maps outputs
     to the centre of the annotated pixels each cell holds (`coords_to_original`, derivation there),
     'exact' reads them as x / W (a model trained on unrounded targets, as kpjax trains).
-  * Convolutions (kpjax.data.conventions.KpdemConvention.conv_algorithm, 'direct-pooled'): the
-    pool/unpool steps decide exact ties in flat image regions by the last bits of the convolutions
-    before them, so those run direct, as PyTorch's do (kpjax.model.network.block_conv_algorithm).
+  * Convolutions (kpjax.data.conventions.KpdemConvention.conv_algorithm, 'direct'): the pool/unpool
+    steps decide exact ties in flat image regions by the last bits of the convolutions before them,
+    and the stages after the last pool amplify Winograd's rounding, so every convolution runs direct,
+    as PyTorch's do.
 """
 
 from __future__ import annotations
@@ -121,6 +122,26 @@ def coords_to_input_pixels(coords, size: int) -> np.ndarray:
 def input_pixels_to_coords(pixels, size: int) -> np.ndarray:
   """Input pixels (..., L, 2) -> the original's targets (pixels / size, in [0, 1] inside the image)."""
   return np.asarray(pixels, np.float64) / _check_size(size)
+
+
+# Input pixels are x * (size / W) in floating point; the original computed x * size / W, exact where it
+# is an integer. The product can land a few ulps off that integer (49 * (32 / 49) = 31.999999999999996),
+# while for integer x any other value is at least 1 / W from an integer: a margin far below 1 / W and far
+# above float64's rounding of a pixel (~1e-14) tells the two apart.
+_PIXEL_MARGIN = 1e-9
+
+
+def truncate_pixels(pixels) -> np.ndarray:
+  """floor(pixels) as the original computed it, floor(x * size / W): the 'truncated' targets' cells, float64."""
+  return np.floor(np.asarray(pixels, np.float64) + _PIXEL_MARGIN)
+
+
+def inside_input(pixels, size: int) -> np.ndarray:
+  """bool (...,): input pixels (..., 2) in [0, size] on both axes, the image of the annotations' range [0, W]
+  (the image and its border) under the corner-aligned scaling x * size / W. NaN is outside."""
+  pixels = np.asarray(pixels, np.float64)
+  size = _check_size(size)
+  return np.all((pixels >= -_PIXEL_MARGIN) & (pixels <= size + _PIXEL_MARGIN), axis=-1)
 
 
 # ---- Targets ---------------------------------------------------------------------------------------

@@ -69,10 +69,9 @@ def _targets(pixels: np.ndarray, visibility: np.ndarray, size: int,
              mode: conventions.IOConvention) -> tuple[np.ndarray, np.ndarray]:
   """Input pixels (L, 2), visibility (L,) -> (float32 (L, 2) model coords, 0 where masked; float32 (L,) mask).
 
-  mask = 1 where the keypoint is annotated (v >= 0) and lies inside the input square.
+  mask = 1 where the keypoint is annotated (v >= 0) and lies inside the input square (`mode.inside`).
   """
-  inside = np.all((pixels >= -0.5) & (pixels <= size - 0.5), axis=-1)
-  mask = (np.asarray(visibility) >= 0) & inside & np.all(np.isfinite(pixels), axis=-1)
+  mask = (np.asarray(visibility) >= 0) & mode.inside(pixels, size)
   coords = mode.input_pixels_to_coords(np.where(mask[:, None], pixels, 0.0), size)
   coords = np.where(mask[:, None], coords, 0.0)
   return coords.astype(np.float32), mask.astype(np.float32)

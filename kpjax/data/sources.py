@@ -14,6 +14,7 @@ and the category an index into the set's categories, plus OBJECT_KEYS. A source 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,6 +33,11 @@ OBJECT_KEYS = {'annotation_id': np.int64, 'coco_image_id': np.int64, 'file_name'
                'area': np.float64, 'crop': np.float64, 'coco_keypoints': np.float64}
 SYNTHETIC_SUBDIR = 'synthetic'  # a run's own synthetic data, inside its workdir (config.data.synthetic_dir = '')
 _CATEGORY_CHUNK = 256  # records read at a time when indexing categories
+# A built dataset's metadata.json (tfds MetadataDict) key: {split: [category index of each record, in
+# the split's order]}, written by kpjax.data.build (after the 0.1.0 release) so that selecting a category
+# reads no record; datasets without it (built by 0.1.0) are indexed by reading every record once per process.
+CATEGORY_INDEX_KEY = 'category_index'
+_NOTED: set[str] = set()  # datasets whose missing index was reported (once per process)
 
 
 def normalize_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -73,15 +79,18 @@ class RecordSource(Sequence):
   """Random access to normalised records over any sequence of raw records (a TFDS data source, a list).
 
   Picklable when the wrapped source is (TFDS array_record sources are), so grain workers can use it.
-  `categories()` is computed once (reading records, never decoding images) and cached. `keypoint_set`:
-  what the records' keypoints are (FashionAI's unless given).
+  `categories()` is the given index (`categories`, int (N,)), or else computed once by reading every
+  record (never decoding images) and cached; `unindexed_note`, when given, is printed (once per process)
+  before such a read. `keypoint_set`: what the records' keypoints are (FashionAI's unless given).
   """
 
-  def __init__(self, source: Sequence, name: str = '', keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI):
+  def __init__(self, source: Sequence, name: str = '', keypoint_set: keypoint_sets.KeypointSet = kp.FASHIONAI,
+               categories: Sequence[int] | None = None, unindexed_note: str = ''):
     self._source = source
     self.name = name or type(source).__name__
     self.keypoint_set = keypoint_set
-    self._categories: np.ndarray | None = None
+    self._categories = None if categories is None else np.asarray(categories, np.int32)
+    self._unindexed_note = unindexed_note
 
   def __len__(self) -> int:
     return len(self._source)
@@ -98,6 +107,9 @@ class RecordSource(Sequence):
   def categories(self) -> np.ndarray:
     """int32 (N,): every record's category index, in source order."""
     if self._categories is None:
+      if self._unindexed_note and self._unindexed_note not in _NOTED:
+        _NOTED.add(self._unindexed_note)
+        print(f'note: {self._unindexed_note}', file=sys.stderr, flush=True)
       cats = np.empty(len(self), np.int32)
       for start in range(0, len(self), _CATEGORY_CHUNK):
         chunk = range(start, min(start + _CATEGORY_CHUNK, len(self)))
@@ -178,8 +190,30 @@ def open_tfds_source(data_dir: str, name: str, split: str) -> RecordSource:
   if split not in builder.info.splits:
     raise DatasetNotFoundError(f'TFDS dataset {name!r} in {builder_dir} has no split {split!r}; '
                                f'it has {", ".join(splits) or "none"}')
-  return RecordSource(builder.as_data_source(split=split), name=f'{name}:{split}',
-                      keypoint_set=_metadata_keypoint_set(builder, builder_dir))
+  source = builder.as_data_source(split=split)
+  kset = _metadata_keypoint_set(builder, builder_dir)
+  index = (builder.info.metadata or {}).get(CATEGORY_INDEX_KEY, {}).get(split)
+  if index is None:
+    return RecordSource(source, name=f'{name}:{split}', keypoint_set=kset, unindexed_note=(
+        f'{builder_dir} has no category index (built by kpjax 0.1.0): selecting a category reads every record '
+        f'of a split once; rebuild it (python -m kpjax.data.build ... --overwrite) to skip that'))
+  if len(index) != len(source) or not all(isinstance(c, int) and 0 <= c < len(kset.categories) for c in index):
+    raise DatasetNotFoundError(f'{builder_dir}/metadata.json: the {CATEGORY_INDEX_KEY} of split {split!r} does '
+                               f'not describe its {len(source)} records; rebuild the dataset (--overwrite)')
+  return RecordSource(source, name=f'{name}:{split}', keypoint_set=kset, categories=index)
+
+
+def write_category_index(builder) -> dict[str, list[int]]:
+  """Stores every split's category index (CATEGORY_INDEX_KEY) in a built TFDS dataset's metadata.json.
+
+  builder: the tfds builder that has just built it (kpjax.data.build). Reads each split once, as
+  `RecordSource.categories` does, so that later runs read none to select a category. Returns the index.
+  """
+  index = {split: RecordSource(builder.as_data_source(split=split)).categories().tolist()
+           for split in sorted(builder.info.splits)}
+  builder.info.metadata[CATEGORY_INDEX_KEY] = index
+  builder.info.metadata.save_metadata(builder.data_dir)
+  return index
 
 
 def dataset_keypoint_set(data) -> keypoint_sets.KeypointSet:

@@ -4,9 +4,10 @@
 The exported function is the network as `CoordRegressionNetwork.apply` runs it, in float32 with
 direct convolutions: input `images` float32 (B, S, S, 3) NHWC, already preprocessed as the model's
 metadata says; outputs `coords` (B, L, 2) and `heatmaps` (B, L, S, S). The batch is dynamic unless
-`--batch N`; S is the model's input_size unless `--input-size`. The metadata (category, keypoint
-names in output order, the flip pairs and skeleton among them, the whole keypoint set, input size,
-preprocessing and what it means, kpjax version) goes into the ONNX
+`--batch N`; S is the model's input_size unless `--input-size` (not for a 'kpdem' model with 'truncated'
+targets, whose outputs are cells of its own input's grid). The metadata (category, keypoint names in
+output order, the flip pairs and skeleton among them, the whole keypoint set, input size, preprocessing
+and what it means, kpjax version) goes into the ONNX
 file's metadata_props, or for StableHLO into a JSON file beside it (FILE.json). A request that cannot
 be carried out raises ExportError (or CheckpointError...) before anything is written.
 """
@@ -95,7 +96,9 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
     fmt: 'onnx' or 'stablehlo'.
     out: the file to write ('stablehlo' also writes out + '.json', the metadata).
     config: an ml_collections config to check against the checkpoint's metadata (optional).
-    input_size: S (default: the metadata's input_size); even (kpjax.model.layers.INPUT_SIDE_RULE).
+    input_size: S (default: the metadata's input_size); even (kpjax.model.layers.INPUT_SIDE_RULE). A
+      'kpdem' model with 'truncated' targets only exports at its own size (its outputs are cells of that
+      grid): another is an ExportError.
     batch: a fixed batch size, or None for a dynamic batch.
     step: the step of a training workdir (default: its latest).
     force: replace existing output files.
@@ -127,6 +130,10 @@ def export_model(checkpoint_path: str, fmt: str, out: str, *, config=None, input
   from kpjax.inference import predictor  # pylint: disable=g-import-not-at-top
   model, variables, spec, metadata = predictor.load_predictor(checkpoint_path, config, step=step)
   size = spec.input_size if input_size is None else input_size
+  problem = spec.convention.other_input_size_problem(spec.input_size, size)
+  if problem:
+    raise ExportError(f'--input-size {size}: the model was trained at {spec.input_size}x{spec.input_size} and '
+                      f'{problem}; export it at its own size (leave out --input-size)')
   model = model.clone(dtype=jnp.float32, conv_algorithm='direct')  # the portable, PyTorch-exact convolutions
   checkpoints.check_fits(model, variables, checkpoint_path)
   info = artifact_metadata(metadata, fmt, size, batch)

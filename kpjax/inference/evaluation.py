@@ -84,10 +84,14 @@ def write_json(m: dict, path: str) -> None:
 
 
 def evaluate_files(annotations: str, predictions: str) -> tuple[dict, list[str]]:
-  """Scores a submission CSV against an annotation CSV; returns (metrics, image ids not scored)."""
+  """Scores a submission CSV against an annotation CSV; returns (metrics, image ids not scored).
+
+  The submission's cells of keypoints outside an image's category (a 24-output model fills them) are
+  ignored, as every FashionAI scorer ignores them: metrics['ignored_cells'] counts them.
+  """
   from kpjax.metrics import normalized_error as metrics  # pylint: disable=g-import-not-at-top
-  gt = _read_table(annotations, 'annotations')
-  pred = _read_table(predictions, 'predictions')
+  gt, _ = _read_table(annotations, 'annotations')
+  pred, ignored = _read_table(predictions, 'predictions', submission=True)
   match_predictions(gt, pred)
   ids = list(gt)
   cats = [gt[i][0] for i in ids]
@@ -95,21 +99,26 @@ def evaluate_files(annotations: str, predictions: str) -> tuple[dict, list[str]]
   vis = np.stack([gt[i][2] for i in ids])
   pred_xy = np.stack([np.where((pred[i][2] >= 0)[:, None], pred[i][1], np.nan) for i in ids])
   scores = score_arrays(ids, pred_xy, gt_xy, vis, cats)
+  scores['ignored_cells'] = ignored
   _, ok = metrics.normalization_distances(gt_xy, vis, cats)
   return scores, [i for i, good in zip(ids, ok) if not good]
 
 
-def _read_table(path: str, what: str) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
-  """{image_id: (category, (24, 2) pixels, (24,) visibility)} of a FashionAI CSV; repeats are errors."""
+def _read_table(path: str, what: str, submission: bool = False
+                ) -> tuple[dict[str, tuple[str, np.ndarray, np.ndarray]], int]:
+  """({image_id: (category, (24, 2) pixels, (24,) visibility)}, cells ignored) of a FashionAI CSV (a
+  submission's when `submission`: kpjax.data.fashionai_csv.parse_row); repeated images are errors."""
   from kpjax.data import fashionai_csv as csv_io  # pylint: disable=g-import-not-at-top
   table: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
-  for image_id, category, xy, vis in csv_io.read_rows(path):
-    if image_id in table:
-      raise EvaluationError(f'image {image_id} appears more than once in the {what} {path}')
-    table[image_id] = (category, np.asarray(xy, np.float64), np.asarray(vis, np.int64))
+  ignored = 0
+  for a in csv_io.read_annotations(path, submission=submission):
+    if a.image_id in table:
+      raise EvaluationError(f'image {a.image_id} appears more than once in the {what} {path}')
+    table[a.image_id] = (a.category, np.asarray(a.keypoints, np.float64), np.asarray(a.visibility, np.int64))
+    ignored += len(a.ignored)
   if not table:
     raise EvaluationError(f'the {what} {path} hold no images')
-  return table
+  return table, ignored
 
 
 def evaluate_model(config, checkpoint_path: str, split: str | None = None, batch_size: int | None = None,

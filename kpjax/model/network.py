@@ -27,10 +27,11 @@ def block_conv_algorithm(conv_algorithm: str, pooled: bool) -> str:
   and 'auto' after the last pool. A 2x2 max-pool is discontinuous where a window's largest values tie
   (flat image regions give exact ties), so an algorithm whose rounding depends on the output position
   (Winograd's tiles) changes which element is kept there, and the network's output can move by many
-  pixels; after the last pool every layer is continuous, so Winograd's ~1e-6 relative rounding only
-  moves the output by as much. 'direct-pooled' is therefore bit-identical to 'direct' up to and
-  including the last pool_unpool, and runs ~94% of the network's multiply-adds (conv4_1 onwards) by
-  'auto'.
+  pixels. After the last pool every layer is continuous, but the stages amplify Winograd's ~1e-6
+  relative rounding: a model whose output follows the image closely can still move by tens of pixels
+  (so converted models run 'direct' everywhere, kpjax.data.conventions.KpdemConvention).
+  'direct-pooled' is bit-identical to 'direct' up to and including the last pool_unpool, and runs
+  ~94% of the network's multiply-adds (conv4_1 onwards) by 'auto'.
   """
   if conv_algorithm == 'direct-pooled':
     return 'direct' if pooled else 'auto'

@@ -9,7 +9,8 @@ DIR (manual) holds the unpacked archives: train/Annotations/train.csv and train/
 optionally test/test.csv and test/Images (see kpjax.data.build.fashionai.MANUAL_DOWNLOAD_INSTRUCTIONS); a
 synthetic set from `python -m kpjax.data.synthetic` has the same layout. The result,
 <data-dir>/fashionai_keypoints/1.0.0, is read with `tfds.data_source('fashionai_keypoints',
-data_dir=<data-dir>)` or `tfds.builder_from_directory` and grain.
+data_dir=<data-dir>)` or `tfds.builder_from_directory` and grain. Its metadata.json also holds each split's
+category index (kpjax.data.sources.CATEGORY_INDEX_KEY), so that a per-category model's start-up reads no record.
 
 Bad data (a malformed CSV row, an unknown category, a missing or undecodable image, a keypoint outside
 its image) stops the build at the first case with a message naming the file, row and image, and leaves
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from kpjax.data import sources
 from kpjax.data.build.fashionai import NAME, VERSION
 from kpjax.errors import BuildError
 from kpjax.io import atomic
@@ -98,6 +100,7 @@ def write_staged(final: str, name: str, version: str, make_builder, *, overwrite
           raise
         raise BuildError(str(cause)) from None
       counts = {split_name: int(split.num_examples) for split_name, split in builder.info.splits.items()}
+      sources.write_category_index(builder)  # training reads it instead of every record
       os.rename(os.path.join(work, name, version), new)  # tfds wrote <work>/<name>/<version>
     return builder, counts
   finally:
