@@ -86,7 +86,8 @@ def test_onnxruntime_example_prints_what_kpjax_predicts(variables, photo, tmp_pa
   csv_file = str(tmp_path / 'preds.csv')
   summary = prediction.predict_files(model_dir, [path], csv_file, decimals=3, log=lambda _: None)
   assert summary.predicted == 1
-  ((_, category, xy, visibility),) = list(fashionai_csv.read_rows(csv_file))
+  (row,) = list(fashionai_csv.read_annotations(csv_file, submission=True))
+  category, xy, visibility = row.category, row.keypoints, row.visibility
   mask = kp.category_mask(category)
   assert category == 'trousers' and (visibility[mask] == 1).all()
   want = xy[mask]
